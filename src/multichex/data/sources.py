@@ -1,0 +1,274 @@
+"""Readers for the chest X-ray folders shipped with the package and in ``shared/data``.
+
+Each reader turns one folder layout into a list of :class:`SampleRef` — where the image is and
+which labels that data set really has. :class:`CXRDataset` turns refs into :class:`CXRSample`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from multichex.data.geometry import validate_boxes, xywh_to_xyxy
+from multichex.data.io import ImageReadError, read_image
+from multichex.data.labels import NIH_FINDINGS, canonical_name, relabel
+from multichex.data.record import CXRSample
+from multichex.data.transforms import AugmentConfig, JointAugment, Letterbox, normalize_intensity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleRef:
+    """Where one image lives and the labels its data set gives it (absent task = None / missing key)."""
+
+    image_path: Path
+    dataset: str
+    patient_id: str
+    findings: dict[str, float] = field(default_factory=dict)
+    positive: float = math.nan
+    mask_path: Path | None = None
+    boxes_xywh: list[tuple[float, float, float, float]] | None = None
+    box_names: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: label file not found")
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _read_boxes(path: Path) -> dict[str, list[tuple[str, tuple[float, float, float, float]]]]:
+    """``image,label,x,y,w,h`` rows grouped by image."""
+    grouped: dict[str, list[tuple[str, tuple[float, float, float, float]]]] = {}
+    if not path.exists():
+        return grouped
+    for row in _read_csv(path):
+        try:
+            box = (float(row["x"]), float(row["y"]), float(row["w"]), float(row["h"]))
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path}: bad box row {row}: {error}") from error
+        grouped.setdefault(row["image"], []).append((canonical_name(row["label"]), box))
+    return grouped
+
+
+def _flag(value: str | None) -> float:
+    """CSV cell → 0/1 float, NaN when blank."""
+    if value is None or value.strip() == "":
+        return math.nan
+    return float(value)
+
+
+def read_nih(root: Path, dataset: str = "nih-cxr14") -> list[SampleRef]:
+    """NIH ChestX-ray14 sample folders: ``labels.csv`` with 14 0/1 finding columns, optional ``boxes.csv``.
+
+    Box annotations are not exhaustive, so images without a box row have ``boxes_xywh=None`` (unknown).
+    NIH images predate COVID-19, so that label is a known 0.
+    """
+    boxes = _read_boxes(root / "boxes.csv")
+    refs = []
+    for row in _read_csv(root / "labels.csv"):
+        findings = {name: _flag(row.get(name)) for name in NIH_FINDINGS}
+        findings["No Finding"] = _flag(row.get("No_Finding"))
+        findings["COVID-19"] = 0.0
+        image_boxes = boxes.get(row["image"])
+        refs.append(
+            SampleRef(
+                image_path=root / "images" / row["image"],
+                dataset=dataset,
+                patient_id=f"nih:{row['patient_id']}",
+                findings=findings,
+                positive=1.0 - findings["No Finding"],
+                boxes_xywh=[b for _, b in image_boxes] if image_boxes else None,
+                box_names=[n for n, _ in image_boxes] if image_boxes else None,
+                extra={"view": row.get("view", "")},
+            )
+        )
+    return refs
+
+
+def read_covid_chestxray(root: Path) -> list[SampleRef]:
+    """COVID-19 image data collection subset: lung masks, COVID-19 flag, Hannover patient ids for joint splits."""
+    refs = []
+    for row in _read_csv(root / "labels.csv"):
+        hannover = (row.get("hannover_patient_id") or "").strip()
+        patient = f"hannover:{hannover}" if hannover else f"cohen:{row['patientid']}"
+        covid = _flag(row.get("covid19"))
+        finding = (row.get("finding") or "").strip()
+        mask_path = root / "masks" / row["image"]
+        has_mask = (row.get("has_lung_mask") or "0").strip() == "1" and mask_path.exists()
+        refs.append(
+            SampleRef(
+                image_path=root / "images" / row["image"],
+                dataset="covid-chestxray",
+                patient_id=patient,
+                findings={"COVID-19": covid, "No Finding": float(finding == "No Finding")},
+                positive=float(finding != "No Finding") if finding else math.nan,
+                mask_path=mask_path if has_mask else None,
+                extra={"view": row.get("view", "")},
+            )
+        )
+    return refs
+
+
+def read_hannover(root: Path) -> list[SampleRef]:
+    """Hannover COVID-19 image repository: every patient is a COVID-19 case."""
+    return [
+        SampleRef(
+            image_path=root / "images" / row["image"],
+            dataset="hannover-covid19",
+            patient_id=f"hannover:{row['patient_id']}",
+            findings={"COVID-19": 1.0, "No Finding": 0.0},
+            positive=1.0,
+            extra={"view": row.get("projection", "")},
+        )
+        for row in _read_csv(root / "labels.csv")
+    ]
+
+
+def read_kermany(root: Path) -> list[SampleRef]:
+    """Kermany pediatric set: NORMAL / PNEUMONIA (2018 data, so COVID-19 is a known 0)."""
+    refs = []
+    for row in _read_csv(root / "labels.csv"):
+        pneumonia = _flag(row.get("pneumonia"))
+        refs.append(
+            SampleRef(
+                image_path=root / "images" / row["image"],
+                dataset="kermany-pediatric",
+                patient_id=f"kermany:{row['patient_id']}",
+                findings={"Pneumonia": pneumonia, "COVID-19": 0.0, "No Finding": 1.0 - pneumonia},
+                positive=pneumonia,
+                extra={"pathogen": row.get("pathogen", "")},
+            )
+        )
+    return refs
+
+
+READERS: dict[str, Callable[[Path], list[SampleRef]]] = {
+    "nih-cxr14-bbox": lambda root: read_nih(root, "nih-cxr14-bbox"),
+    "nih-cxr14-sample": lambda root: read_nih(root, "nih-cxr14-sample"),
+    "covid-chestxray": read_covid_chestxray,
+    "hannover-covid19": read_hannover,
+    "kermany-pediatric": read_kermany,
+}
+
+
+def bundled_sample_root() -> Path:
+    """Folder of the small permissively licensed sample shipped inside the package."""
+    return Path(str(resources.files("multichex") / "sample_data"))
+
+
+def read_source(name: str, root: str | Path | None = None) -> list[SampleRef]:
+    """Read one known folder layout; ``root=None`` reads the bundled sample copy of it."""
+    if name not in READERS:
+        raise ValueError(f"unknown source {name!r}; known: {sorted(READERS)}")
+    folder = Path(root) if root is not None else bundled_sample_root() / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: data folder for source {name!r} not found")
+    return READERS[name](folder)
+
+
+class CXRDataset(Dataset):
+    """Turns :class:`SampleRef` into letterboxed, optionally augmented :class:`CXRSample`.
+
+    Unreadable images are logged and yield ``None`` (dropped by the collate function) so one bad
+    file never stops a run. With ``cache=True`` the letterboxed images are kept in memory as uint8.
+    """
+
+    def __init__(
+        self,
+        refs: Sequence[SampleRef],
+        class_names: Sequence[str],
+        box_classes: Sequence[str],
+        image_size: int,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        cache: bool = True,
+    ) -> None:
+        self.refs = list(refs)
+        self.class_names = list(class_names)
+        self.box_classes = list(box_classes)
+        self.image_size = image_size
+        self.augment = JointAugment(augment) if augment is not None and augment.enabled else None
+        self.seed = seed
+        self.epoch = 0
+        self.cache: dict[int, tuple] | None = {} if cache else None
+        self.failures: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation randomness is a function of (seed, epoch, index): reproducible and resumable."""
+        self.epoch = epoch
+
+    def _load(self, index: int) -> tuple:
+        ref = self.refs[index]
+        loaded = read_image(ref.image_path)
+        height, width = loaded.array.shape
+        box = Letterbox.fit(height, width, self.image_size)
+        image = box.apply_image(torch.from_numpy(normalize_intensity(loaded.array))[None])
+        mask = None
+        if ref.mask_path is not None:
+            mask_array = read_image(ref.mask_path).array
+            if mask_array.shape != (height, width):
+                raise ImageReadError(ref.mask_path, f"mask size {mask_array.shape} differs from image size {(height, width)}")
+            mask = (box.apply_image(torch.from_numpy(mask_array > 0.5).float()[None]) > 0.5).to(torch.uint8)
+        boxes = labels = None
+        if ref.boxes_xywh is not None:
+            raw = xywh_to_xyxy(torch.tensor(ref.boxes_xywh, dtype=torch.float32).reshape(-1, 4))
+            raw = validate_boxes(raw, height, width, str(ref.image_path))
+            names = [canonical_name(n) for n in (ref.box_names or [])]
+            keep = [i for i, n in enumerate(names) if n in self.box_classes]
+            boxes = box.apply_boxes(raw[keep]) if keep else torch.zeros(0, 4)
+            labels = torch.tensor([self.box_classes.index(names[i]) for i in keep], dtype=torch.long)
+        return (image * 255).round().to(torch.uint8), mask, boxes, labels, box, (height, width)
+
+    def __getitem__(self, index: int) -> CXRSample | None:
+        ref = self.refs[index]
+        try:
+            if self.cache is not None and index in self.cache:
+                loaded = self.cache[index]
+            else:
+                loaded = self._load(index)
+                if self.cache is not None:
+                    self.cache[index] = loaded
+        except (ImageReadError, ValueError) as error:
+            if str(ref.image_path) not in self.failures:
+                log.warning("skipping unreadable sample: %s", error)
+            self.failures[str(ref.image_path)] = str(error)
+            return None
+        image_u8, mask, boxes, box_labels, letterbox, (height, width) = loaded
+        image = image_u8.float() / 255.0
+        mask = mask.float() if mask is not None else None
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            image, mask, boxes, box_labels = self.augment(image, mask, boxes, box_labels, rng)
+        return CXRSample(
+            image=image,
+            labels=relabel(ref.findings, self.class_names),
+            positive=ref.positive,
+            mask=mask,
+            boxes=boxes,
+            box_labels=box_labels,
+            meta={
+                "dataset": ref.dataset,
+                "patient_id": ref.patient_id,
+                "path": str(ref.image_path),
+                "letterbox": letterbox.to_dict(),
+                "original_size": (height, width),
+                **ref.extra,
+            },
+        )

@@ -1,0 +1,45 @@
+"""The MultiCheXNet total loss (eq. 9): a weighted sum over the tasks the batch has labels for."""
+
+from __future__ import annotations
+
+import torch
+
+from multichex.data.record import CXRBatch
+from multichex.losses.detection import DetectionLoss
+from multichex.losses.masked import masked_bce_with_logits, segmentation_loss
+from multichex.models.multichexnet import MultiCheXNet
+
+
+class MultiTaskLoss:
+    """Per-task losses on one batch; a task with no labels in the batch contributes no term."""
+
+    def __init__(self, model: MultiCheXNet, weights: dict[str, float] | None = None, dice_weight: float = 1.0, giou_weight: float = 0.0) -> None:
+        self.weights = {"cls": 1.0, "seg": 1.0, "det": 1.0, "gate": 1.0, **(weights or {})}
+        self.dice_weight = dice_weight
+        self.detection = DetectionLoss(model.det, giou_weight=giou_weight)
+
+    @staticmethod
+    def tasks_for(batch: CXRBatch, trainable: set[str]) -> list[str]:
+        """The heads this batch can train: those with at least one label present."""
+        present = {
+            "cls": bool(batch.has_labels.any()),
+            "gate": bool((~torch.isnan(batch.positive)).any()),
+            "seg": bool(batch.has_mask.any()),
+            "det": bool(batch.has_boxes.any()),
+        }
+        return [task for task in ("cls", "gate", "seg", "det") if present[task] and task in trainable]
+
+    def __call__(self, outputs: dict[str, torch.Tensor], batch: CXRBatch) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor | None] = {}
+        if "cls" in outputs:
+            terms["cls"] = masked_bce_with_logits(outputs["cls"], batch.labels)
+        if "gate" in outputs:
+            terms["gate"] = masked_bce_with_logits(outputs["gate"], batch.positive)
+        if "seg" in outputs:
+            terms["seg"] = segmentation_loss(outputs["seg"], batch.masks, batch.has_mask, self.dice_weight)
+        if "det" in outputs:
+            terms["det"] = self.detection(outputs["det"], batch.boxes, batch.box_labels, batch.has_boxes)
+        losses = {name: value for name, value in terms.items() if value is not None}
+        if losses:
+            losses["total"] = sum(self.weights[name] * value for name, value in losses.items())
+        return losses

@@ -1,0 +1,148 @@
+"""CheXEnc backbones behind one registry; every encoder returns features at strides 4, 8, 16, 32."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+ENCODERS: dict[str, Callable[..., "Encoder"]] = {}
+
+
+def register_encoder(name: str) -> Callable:
+    def wrap(builder: Callable[..., "Encoder"]) -> Callable[..., "Encoder"]:
+        ENCODERS[name] = builder
+        return builder
+
+    return wrap
+
+
+def get_encoder(name: str, in_channels: int = 1) -> "Encoder":
+    """Build a registered encoder by name (``list_encoders()`` shows the choices)."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {list_encoders()}")
+    return ENCODERS[name](in_channels=in_channels)
+
+
+def list_encoders() -> list[str]:
+    return sorted(ENCODERS)
+
+
+class Encoder(nn.Module):
+    """Base class: ``forward(x) -> [f4, f8, f16, f32]`` with ``out_channels`` giving their widths."""
+
+    out_channels: tuple[int, int, int, int]
+    strides: tuple[int, int, int, int] = (4, 8, 16, 32)
+
+
+def _conv_bn_act(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _ResidualBlock(nn.Module):
+    """Two 3×3 convolutions with a (projected when needed) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv_bn_act(cin, cout, stride),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class LiteEncoder(Encoder):
+    """Fast CPU encoder: a stride-4 stem (two stride-2 convs) and four light residual stages.
+
+    Full-resolution stages dominate CPU time, so nothing runs above stride 2.
+    """
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, int, int, int] = (32, 64, 128, 192), stem: int = 24) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(_conv_bn_act(in_channels, stem, 2), _conv_bn_act(stem, widths[0], 2))
+        self.stages = nn.ModuleList()
+        previous = widths[0]
+        for index, width in enumerate(widths):
+            stride = 1 if index == 0 else 2
+            self.stages.append(_ResidualBlock(previous, width, stride))
+            previous = width
+        self.out_channels = tuple(widths)  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class MonaiResNetEncoder(Encoder):
+    """MONAI's 2-D ResNet with its classifier removed, tapped after each residual layer."""
+
+    def __init__(self, depth: int, in_channels: int = 1) -> None:
+        super().__init__()
+        from monai.networks import nets
+
+        builder = {18: nets.resnet18, 34: nets.resnet34, 50: nets.resnet50}[depth]
+        net = builder(spatial_dims=2, n_input_channels=in_channels, num_classes=1)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
+        self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        expansion = 4 if depth == 50 else 1
+        self.out_channels = tuple(w * expansion for w in (64, 128, 256, 512))  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        features = []
+        for layer in self.layers:
+            x = layer(x)
+            features.append(x)
+        return features
+
+
+class MonaiDenseNetEncoder(Encoder):
+    """MONAI's 2-D DenseNet-121, tapped at the end of each dense block (before the transition pooling)."""
+
+    def __init__(self, in_channels: int = 1) -> None:
+        super().__init__()
+        from monai.networks.nets import DenseNet121
+
+        features = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=1).features
+        self.stem = nn.Sequential(features.conv0, features.norm0, features.relu0, features.pool0)
+        self.blocks = nn.ModuleList([features.denseblock1, features.denseblock2, features.denseblock3, features.denseblock4])
+        self.transitions = nn.ModuleList([features.transition1, features.transition2, features.transition3])
+        self.final_norm = nn.Sequential(features.norm5, nn.ReLU(inplace=False))
+        self.out_channels = (256, 512, 1024, 1024)  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index < 3:
+                outputs.append(x)
+                x = self.transitions[index](x)
+        outputs.append(self.final_norm(x))
+        return outputs
+
+
+register_encoder("lite")(lambda in_channels=1: LiteEncoder(in_channels))
+register_encoder("lite-small")(lambda in_channels=1: LiteEncoder(in_channels, widths=(16, 32, 64, 96), stem=16))
+register_encoder("resnet18")(lambda in_channels=1: MonaiResNetEncoder(18, in_channels))
+register_encoder("resnet34")(lambda in_channels=1: MonaiResNetEncoder(34, in_channels))
+register_encoder("resnet50")(lambda in_channels=1: MonaiResNetEncoder(50, in_channels))
+register_encoder("densenet121")(lambda in_channels=1: MonaiDenseNetEncoder(in_channels))

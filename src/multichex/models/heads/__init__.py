@@ -1,0 +1,1 @@
+"""Task heads over CheXEnc features."""

@@ -1,0 +1,108 @@
+"""MultiCheXNet: one CheXEnc pass feeding CheXCls, CheXSeg, CheXDet and the positive-case gate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from multichex.models.config import TASKS, ModelConfig
+from multichex.models.encoders import get_encoder
+from multichex.models.heads.classification import CheXCls, PositiveCaseGate
+from multichex.models.heads.detection import CheXDet, Detections
+from multichex.models.heads.segmentation import CheXSeg
+
+
+@dataclass
+class GatedPrediction:
+    """Outputs of :meth:`MultiCheXNet.predict` for a batch; gated-out images have ``None`` entries."""
+
+    class_probs: torch.Tensor  # B×C
+    gate_probs: torch.Tensor  # B
+    gate_positive: torch.Tensor  # B bool
+    seg_probs: list[torch.Tensor | None]  # 1×H×W each
+    detections: list[Detections | None]
+
+
+class MultiCheXNet(nn.Module):
+    """Shared encoder + task heads. ``forward(x, tasks)`` runs the encoder once and only the requested heads."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = get_encoder(config.encoder)
+        channels = self.encoder.out_channels
+        self.cls = CheXCls(channels[-1], len(config.class_names), hidden=config.cls_hidden)
+        self.seg = CheXSeg(channels)
+        self.det = CheXDet(channels, len(config.box_classes), [tuple(a) for a in config.anchors], config.image_size, config.det_stride)
+        self.gate = PositiveCaseGate(channels[-1])
+        self.register_buffer("input_mean", torch.tensor(config.input_mean), persistent=False)
+        self.register_buffer("input_std", torch.tensor(config.input_std), persistent=False)
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images in [0, 1] (``B×1×H×W``) → multi-scale features (normalisation happens here, not in user code)."""
+        return self.encoder((images - self.input_mean) / self.input_std)
+
+    def run_heads(self, features: list[torch.Tensor], tasks: Iterable[str], output_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        outputs: dict[str, torch.Tensor] = {}
+        for task in tasks:
+            if task == "cls":
+                outputs["cls"] = self.cls(features)
+            elif task == "seg":
+                outputs["seg"] = self.seg(features, output_size)
+            elif task == "det":
+                outputs["det"] = self.det(features)
+            elif task == "gate":
+                outputs["gate"] = self.gate(features)
+            else:
+                raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+        return outputs
+
+    def forward(self, images: torch.Tensor, tasks: Iterable[str] = TASKS) -> dict[str, torch.Tensor]:
+        return self.run_heads(self.encode(images), tasks, images.shape[-2:])
+
+    def gate_probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Gate probability from the gate module or from the classifier's chosen classes."""
+        gate = self.config.gate
+        if gate.source == "module":
+            return torch.sigmoid(outputs["gate"])
+        indices = [self.config.class_names.index(c) for c in gate.classes]
+        return torch.sigmoid(outputs["cls"][:, indices]).max(dim=1).values
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: torch.Tensor,
+        use_gate: bool = True,
+        score_threshold: float = 0.25,
+        iou_threshold: float = 0.45,
+    ) -> GatedPrediction:
+        """Gated inference: classifier and gate first, then the gated heads only on positive images.
+
+        The encoder runs once; the gated heads get the cached features of the positive images.
+        """
+        size = images.shape[-2:]
+        features = self.encode(images)
+        first = self.run_heads(features, ["cls"] + (["gate"] if self.config.gate.source == "module" else []), size)
+        gate_probs = self.gate_probability(first)
+        positive = gate_probs >= self.config.gate.threshold if use_gate else torch.ones_like(gate_probs, dtype=torch.bool)
+        batch = images.shape[0]
+        seg_probs: list[torch.Tensor | None] = [None] * batch
+        detections: list[Detections | None] = [None] * batch
+        for head in ("seg", "det"):
+            selected = positive if head in self.config.gate.gated_heads else torch.ones_like(positive)
+            index = torch.nonzero(selected).flatten()
+            if len(index) == 0:
+                continue
+            subset = [f[index] for f in features]
+            if head == "seg":
+                probs = torch.sigmoid(self.seg(subset, size))
+                for slot, value in zip(index.tolist(), probs):
+                    seg_probs[slot] = value
+            else:
+                decoded = self.det.postprocess(self.det(subset), self.config.image_size, score_threshold, iou_threshold)
+                for slot, value in zip(index.tolist(), decoded):
+                    detections[slot] = value
+        return GatedPrediction(torch.sigmoid(first["cls"]), gate_probs, positive, seg_probs, detections)

@@ -1,0 +1,85 @@
+"""Run configuration, loaded from YAML and recorded with every run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from multichex.data.transforms import AugmentConfig
+from multichex.models.config import ModelConfig
+
+MODULES = ("encoder", "cls", "seg", "det", "gate")
+
+
+@dataclass
+class SourceConfig:
+    """One data source: a known folder layout, its root (None = the bundled sample) and which labels to use."""
+
+    name: str
+    root: str | None = None
+    tasks: list[str] = field(default_factory=lambda: ["cls", "gate", "seg", "det"])
+    limit: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sources: list[SourceConfig] = field(default_factory=list)
+    seed: int = 0
+    out_dir: str = "runs/train"
+    split: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
+    schedule: str = "alternating"
+    epochs: int = 10
+    steps_per_epoch: int | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    max_minutes: float | None = None
+    trainable: list[str] = field(default_factory=lambda: list(MODULES))
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    dice_weight: float = 1.0
+    giou_weight: float = 0.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    num_workers: int = 0
+    channels_last: bool = True
+    deterministic: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        self.sources = [SourceConfig(**s) if isinstance(s, dict) else s for s in self.sources]
+        if self.schedule not in {"alternating", "joint"}:
+            raise ValueError(f"schedule must be 'alternating' or 'joint', got {self.schedule!r}")
+        unknown = set(self.trainable) - set(MODULES)
+        if unknown:
+            raise ValueError(f"trainable modules must be among {MODULES}, got {sorted(unknown)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**data)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML run config; ``overrides`` replace top-level keys."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: invalid YAML: {error}") from error
+    data.update(overrides or {})
+    return TrainConfig.from_dict(data)

@@ -1,0 +1,64 @@
+"""From a run config to patient-wise train/val/test data sets, one per source."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from multichex.data.sources import CXRDataset, SampleRef, read_source
+from multichex.data.splits import patient_split, save_split
+from multichex.training.config import SourceConfig, TrainConfig
+
+
+def restrict_tasks(ref: SampleRef, tasks: list[str]) -> SampleRef:
+    """Hide the labels of tasks a source should not train (masking, not faking: they become unknown)."""
+    return replace(
+        ref,
+        findings=ref.findings if "cls" in tasks else {},
+        positive=ref.positive if "gate" in tasks else math.nan,
+        mask_path=ref.mask_path if "seg" in tasks else None,
+        boxes_xywh=ref.boxes_xywh if "det" in tasks else None,
+        box_names=ref.box_names if "det" in tasks else None,
+    )
+
+
+def load_refs(source: SourceConfig) -> list[SampleRef]:
+    refs = [restrict_tasks(r, source.tasks) for r in read_source(source.name, source.root)]
+    return refs[: source.limit] if source.limit else refs
+
+
+def split_sources(config: TrainConfig, out_dir: Path | None = None) -> dict[str, dict[str, list[SampleRef]]]:
+    """Split all sources jointly by patient id (sources that share patients stay on one side)."""
+    per_source = {s.name: load_refs(s) for s in config.sources}
+    flat = [(name, ref) for name, refs in per_source.items() for ref in refs]
+    parts = patient_split([ref.patient_id for _, ref in flat], config.split, seed=config.seed)
+    result: dict[str, dict[str, list[SampleRef]]] = {part: {name: [] for name in per_source} for part in parts}
+    for part, indices in parts.items():
+        for index in indices:
+            name, ref = flat[index]
+            result[part][name].append(ref)
+    if out_dir is not None:
+        save_split(
+            out_dir / "split.json",
+            {part: sorted(str(r.image_path) for refs in sources.values() for r in refs) for part, sources in result.items()},
+            config.seed,
+        )
+    return result
+
+
+def make_datasets(config: TrainConfig, refs: dict[str, list[SampleRef]], train: bool) -> dict[str, CXRDataset]:
+    """One :class:`CXRDataset` per non-empty source (augmented only for training)."""
+    model = config.model
+    return {
+        name: CXRDataset(
+            source_refs,
+            model.class_names,
+            model.box_classes,
+            model.image_size,
+            augment=config.augment if train else None,
+            seed=config.seed,
+        )
+        for name, source_refs in refs.items()
+        if source_refs
+    }

@@ -1,0 +1,196 @@
+"""The training loop: masked multi-task steps, alternating or joint schedules, validation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from multichex.data.sources import CXRDataset
+from multichex.data.samplers import AlternatingBatches, JointBatches
+from multichex.evaluation.evaluate import evaluate_datasets
+from multichex.losses.multitask import MultiTaskLoss
+from multichex.models.multichexnet import MultiCheXNet
+from multichex.training.checkpoint import read_checkpoint, restore_training_state, save_checkpoint, load_weights
+from multichex.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch; ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def score_of(metrics: dict[str, Any]) -> float | None:
+    """One number to pick the best epoch: mean of the available primary metrics (Dice, macro AUROC, mAP)."""
+    values = [
+        metrics.get("segmentation", {}).get("dice", {}).get("value"),
+        metrics.get("classification", {}).get("macro_auroc", {}).get("value"),
+        metrics.get("detection", {}).get("map", {}).get("value"),
+    ]
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(values)) if values else None
+
+
+class Trainer:
+    """Trains a :class:`MultiCheXNet` on per-source data sets, writing ``last``/``best`` checkpoints and a CSV log."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_sets: dict[str, CXRDataset],
+        val_sets: dict[str, CXRDataset] | None = None,
+        model: MultiCheXNet | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(config.seed, config.deterministic)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.model = model or MultiCheXNet(config.model)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_sets = train_sets
+        self.val_sets = val_sets or {}
+        self.progress = progress
+        self._freeze()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.loss = MultiTaskLoss(self.model, config.loss_weights, config.dice_weight, config.giou_weight)
+        schedule = AlternatingBatches if config.schedule == "alternating" else JointBatches
+        self.batches = schedule(train_sets, config.batch_size, config.seed, config.num_workers)
+        self.steps_per_epoch = config.steps_per_epoch or self.batches.default_steps()
+        self.epoch = 0
+        self.best_score: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.skipped_batches = 0
+
+    def _freeze(self) -> None:
+        trainable = set(self.config.trainable)
+        for name in ("encoder", "cls", "seg", "det", "gate"):
+            for parameter in getattr(self.model, name).parameters():
+                parameter.requires_grad = name in trainable
+
+    def _train_mode(self) -> None:
+        """Trainable modules train; frozen ones stay in eval mode (BatchNorm statistics untouched)."""
+        self.model.train()
+        for name in ("encoder", "cls", "seg", "det", "gate"):
+            if name not in self.config.trainable:
+                getattr(self.model, name).eval()
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Continue from a ``last`` checkpoint: weights, optimizer, RNG, epoch, best score, history."""
+        path = Path(path) if path else self.out_dir / "last.safetensors"
+        header, tensors = read_checkpoint(path)
+        load_weights(self.model, tensors, path)
+        restore_training_state(self.optimizer, header, tensors)
+        state = header.get("trainer", {})
+        self.epoch = int(state.get("epoch", 0))
+        self.best_score = state.get("best_score")
+        self.history = state.get("history", [])
+        log.info("resumed %s at epoch %d", path, self.epoch)
+
+    def _checkpoint(self, name: str, with_optimizer: bool) -> Path:
+        extra = {
+            "train_config": self.config.to_dict(),
+            "trainer": {"epoch": self.epoch, "best_score": self.best_score, "history": self.history},
+        }
+        return save_checkpoint(self.out_dir / f"{name}.safetensors", self.model, extra, self.optimizer if with_optimizer else None)
+
+    def train_step(self, batch) -> dict[str, float] | None:
+        trainable_tasks = {t for t in ("cls", "seg", "det", "gate") if t in self.config.trainable}
+        tasks = self.loss.tasks_for(batch, trainable_tasks)
+        if not tasks:
+            return None
+        images = batch.images
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        outputs = self.model(images, tasks)
+        losses = self.loss(outputs, batch)
+        if "total" not in losses:
+            return None
+        total = losses["total"]
+        if not torch.isfinite(total):
+            self.skipped_batches += 1
+            log.warning("non-finite loss %s on batch %s; batch skipped", {k: float(v) for k, v in losses.items()}, [m["path"] for m in batch.meta][:3])
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train for the configured epochs (or until ``max_minutes``), validating after each epoch."""
+        start = time.monotonic()
+        budget = self.config.max_minutes * 60 if self.config.max_minutes else math.inf
+        while self.epoch < self.config.epochs:
+            self._train_mode()
+            sums: dict[str, list[float]] = {}
+            iterator = self.batches.epoch(self.epoch, self.steps_per_epoch)
+            bar = tqdm(iterator, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.progress, leave=False)
+            out_of_time = False
+            for _, _, batch in bar:
+                if batch is None:
+                    continue
+                losses = self.train_step(batch)
+                for key, value in (losses or {}).items():
+                    sums.setdefault(key, []).append(value)
+                if losses:
+                    bar.set_postfix(loss=f"{losses['total']:.3f}")
+                if time.monotonic() - start > budget:
+                    out_of_time = True
+                    break
+            self.epoch += 1
+            record: dict[str, Any] = {"epoch": self.epoch, "seconds": round(time.monotonic() - start, 1)}
+            record.update({f"train_{k}": float(np.mean(v)) for k, v in sums.items()})
+            if self.val_sets:
+                metrics = evaluate_datasets(self.model, self.val_sets, bootstrap=0)
+                score = score_of(metrics)
+                record["val_score"] = score
+                record.update(_flat_metrics(metrics))
+                if score is not None and (self.best_score is None or score > self.best_score):
+                    self.best_score = score
+                    self._checkpoint("best", with_optimizer=False)
+            self.history.append(record)
+            self._write_log()
+            self._checkpoint("last", with_optimizer=True)
+            if out_of_time:
+                log.info("time budget of %.1f min reached after epoch %d", self.config.max_minutes, self.epoch)
+                break
+        if not (self.out_dir / "best.safetensors").exists():
+            self._checkpoint("best", with_optimizer=False)
+        return self.history
+
+    def _write_log(self) -> None:
+        keys = sorted({k for record in self.history for k in record}, key=lambda k: (k != "epoch", k))
+        with (self.out_dir / "log.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+
+
+def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
+    return {
+        "val_dice": metrics.get("segmentation", {}).get("dice", {}).get("value"),
+        "val_macro_auroc": metrics.get("classification", {}).get("macro_auroc", {}).get("value"),
+        "val_map50": metrics.get("detection", {}).get("map", {}).get("value"),
+        "val_gate_auroc": metrics.get("gate", {}).get("auroc", {}).get("value"),
+    }
