@@ -14,28 +14,35 @@ def patient_split(
     patient_ids: Sequence[str],
     fractions: dict[str, float] | None = None,
     seed: int = 0,
+    strata: Sequence[str] | None = None,
 ) -> dict[str, list[int]]:
     """Assign whole patients to named parts so each part holds about its fraction of the images.
 
-    Patients are shuffled with ``seed`` (order of the input does not matter: ids are sorted first),
-    then parts are filled greedily by image count. Returns image indices per part.
+    Patients are shuffled with ``seed`` (ids are sorted first, so input order does not matter) and
+    parts are filled greedily by image count. With ``strata`` (one label per image, e.g. the data
+    set) each stratum is split on its own, so every source gets its share of every part; a patient
+    in several strata belongs to the stratum of its first image. Returns image indices per part.
     """
     fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
     if abs(sum(fractions.values()) - 1.0) > 1e-6 or any(f < 0 for f in fractions.values()):
         raise ValueError(f"split fractions must be non-negative and sum to 1, got {fractions}")
     counts = Counter(patient_ids)
-    patients = sorted(counts)
-    np.random.default_rng(seed).shuffle(patients)
-    total = len(patient_ids)
+    stratum_of: dict[str, str] = {}
+    for index, patient in enumerate(patient_ids):
+        stratum_of.setdefault(patient, strata[index] if strata is not None else "")
     names = list(fractions)
-    targets = np.cumsum([fractions[n] * total for n in names])
     assignment: dict[str, str] = {}
-    filled, part = 0, 0
-    for patient in patients:
-        while part < len(names) - 1 and filled >= targets[part] - 1e-9:
-            part += 1
-        assignment[patient] = names[part]
-        filled += counts[patient]
+    for stratum in sorted(set(stratum_of.values())):
+        patients = sorted(p for p, s in stratum_of.items() if s == stratum)
+        np.random.default_rng(seed).shuffle(patients)
+        total = sum(counts[p] for p in patients)
+        targets = np.cumsum([fractions[n] * total for n in names])
+        filled, part = 0, 0
+        for patient in patients:
+            while part < len(names) - 1 and filled >= targets[part] - 1e-9:
+                part += 1
+            assignment[patient] = names[part]
+            filled += counts[patient]
     result: dict[str, list[int]] = {name: [] for name in names}
     for index, patient in enumerate(patient_ids):
         result[assignment[patient]].append(index)

@@ -166,7 +166,7 @@ def detection_map(
 
     Returns:
         ``{"per_class": {name: AP or None}, "map": float or None, "n_gt": {name: int},
-        "n_pred": {name: int}}``; a class's AP is ``None`` when it has no ground-truth box, and
+        "n_pred": {name: int}, "iou_threshold": float}``; a class's AP is ``None`` when it has no ground-truth box, and
         ``map`` averages the classes with at least one ground-truth box (``None`` if none has).
     """
     n_images = len(gt_boxes)
@@ -232,4 +232,5 @@ def detection_map(
         "map": _mean_defined([per_class[n] for n in class_names if n_gt[n] > 0]),
         "n_gt": n_gt,
         "n_pred": n_pred,
+        "iou_threshold": float(iou_threshold),
     }

@@ -120,13 +120,15 @@ def _detection(section: Mapping[str, Any]) -> list[str]:
     lines = ["## Detection", ""]
     per_class = section.get("per_class") or {}
     n_gt = section.get("n_gt") or {}
+    iou = _number(section.get("iou_threshold"))
+    at = f"@{iou:g}" if iou is not None else "@0.5"
     if per_class:
         rows = [[str(name), format_value(ap), _count(n_gt.get(name))] for name, ap in per_class.items()]
-        lines += _table(["Class", "AP@0.5", "n GT boxes"], rows) + [""]
+        lines += _table(["Class", f"AP{at}", "n GT boxes"], rows) + [""]
     rows = []
     if "map" in section:
-        rows.append(["mAP@0.5", format_value(section.get("map"))])
-    rows += _summary_rows(section, skip={"per_class", "map", "n_gt", "n_pred"})
+        rows.append([f"mAP{at}", format_value(section.get("map"))])
+    rows += _summary_rows(section, skip={"per_class", "map", "n_gt", "n_pred", "iou_threshold"})
     if rows:
         lines += _table(["Summary", "Value"], rows) + [""]
     if not per_class and not rows:

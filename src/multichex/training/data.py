@@ -32,7 +32,7 @@ def split_sources(config: TrainConfig, out_dir: Path | None = None) -> dict[str,
     """Split all sources jointly by patient id (sources that share patients stay on one side)."""
     per_source = {s.name: load_refs(s) for s in config.sources}
     flat = [(name, ref) for name, refs in per_source.items() for ref in refs]
-    parts = patient_split([ref.patient_id for _, ref in flat], config.split, seed=config.seed)
+    parts = patient_split([ref.patient_id for _, ref in flat], config.split, seed=config.seed, strata=[name for name, _ in flat])
     result: dict[str, dict[str, list[SampleRef]]] = {part: {name: [] for name in per_source} for part in parts}
     for part, indices in parts.items():
         for index in indices:

@@ -1,0 +1,212 @@
+"""The ``multichex`` command line: demo, train, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from multichex import CLINICAL_DISCLAIMER
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=f"Multi-task chest X-ray network. {CLINICAL_DISCLAIMER}")
+console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def _print_metrics(metrics: dict) -> None:
+    table = Table(title="held-out metrics (95% CI, patient bootstrap)")
+    for column in ("head", "metric", "value", "95% CI", "n images"):
+        table.add_column(column)
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    rows = [
+        ("segmentation", "Dice", metrics.get("segmentation", {}).get("dice"), metrics.get("segmentation", {}).get("n_images")),
+        ("classification", "macro AUROC", metrics.get("classification", {}).get("macro_auroc"), metrics.get("classification", {}).get("n_images")),
+        ("detection", "mAP@0.5", metrics.get("detection", {}).get("map"), metrics.get("detection", {}).get("n_images")),
+        ("gate", "AUROC", metrics.get("gate", {}).get("auroc"), metrics.get("gate", {}).get("n_known")),
+    ]
+    for head, name, value, n in rows:
+        if value is None:
+            continue
+        ci = f"[{fmt(value.get('low'))}, {fmt(value.get('high'))}]" if value.get("low") is not None else "–"
+        table.add_row(head, name, fmt(value.get("value")), ci, str(n))
+    Console().print(table)
+
+
+def run_training(config, resume: bool = False, progress: bool = True) -> tuple[Path, dict]:
+    """Split, train, then evaluate the best checkpoint on the held-out test patients."""
+    from multichex.evaluation.evaluate import evaluate_datasets
+    from multichex.training.checkpoint import load_model
+    from multichex.training.data import make_datasets, split_sources
+    from multichex.training.loop import Trainer
+
+    out_dir = Path(config.out_dir)
+    parts = split_sources(config, out_dir)
+    trainer = Trainer(config, make_datasets(config, parts["train"], True), make_datasets(config, parts["val"], False), progress=progress)
+    if resume:
+        trainer.resume()
+    trainer.fit()
+    best = out_dir / "best.safetensors"
+    model, _ = load_model(best)
+    metrics = {}
+    if "test" in parts and any(parts["test"].values()):
+        metrics = evaluate_datasets(model, make_datasets(config, parts["test"], False), bootstrap=1000, seed=config.seed)
+    metrics["split"] = {part: {name: len(refs) for name, refs in sources.items()} for part, sources in parts.items()}
+    metrics["epochs_trained"] = trainer.epoch
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return best, metrics
+
+
+@app.command()
+def demo(
+    minutes: float = typer.Option(3.0, help="Training time budget in minutes (evaluation and overlays add about half a minute)."),
+    out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
+    seed: int = typer.Option(0, help="Random seed."),
+    image_size: Optional[int] = typer.Option(None, help="Override the training image size (multiple of 32)."),
+    epochs: Optional[int] = typer.Option(None, help="Override the number of epochs."),
+    steps_per_epoch: Optional[int] = typer.Option(None, help="Override the steps per epoch."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train a small 3-task model on the bundled real X-rays, evaluate on held-out patients, write a report."""
+    from multichex.evaluation.report import write_markdown_report
+    from multichex.inference.predictor import Predictor, predict_files
+    from multichex.training.config import load_config
+
+    _setup_logging()
+    started = time.monotonic()
+    overrides = {"out_dir": str(out), "seed": seed, "max_minutes": minutes}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    if steps_per_epoch is not None:
+        overrides["steps_per_epoch"] = steps_per_epoch
+    config = load_config(Path(str(resources.files("multichex") / "configs" / "demo.yaml")), overrides)
+    if image_size is not None:
+        config.model.image_size = image_size
+        config.model.__post_init__()
+    console.print(f"[bold]multichex demo[/bold] — {CLINICAL_DISCLAIMER}")
+    best, metrics = run_training(config, progress=progress)
+    split = json.loads((out / "split.json").read_text())["parts"]
+    test_images = split.get("test", [])
+    picks = [p for p in test_images if "covid" in p][:2] + [p for p in test_images if "nih" in p][:2] + [p for p in test_images if "kermany" in p][:1]
+    predictor = Predictor.from_checkpoint(best)
+    records, _ = predict_files(predictor, picks, out / "overlays", progress=False)
+    overlays = [out / "overlays" / r["overlay"] for r in records]
+    metrics["seconds_total"] = round(time.monotonic() - started, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_markdown_report(out / "report.md", metrics, overlays, "multichex demo", config.to_dict())
+    _print_metrics(metrics)
+    console.print(f"wrote {out / 'metrics.json'}, {out / 'report.md'}, {len(overlays)} overlays, checkpoint {best} "
+                  f"({metrics['seconds_total']:.0f} s)")
+
+
+@app.command()
+def train(
+    config_path: Path = typer.Argument(..., metavar="CONFIG.yaml", exists=True, dir_okay=False, help="Run config (YAML)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (overrides out_dir)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (overrides the config)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/last.safetensors."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train from a YAML config; writes checkpoints, log.csv, split.json, config.json and test metrics."""
+    from multichex.training.config import load_config
+
+    _setup_logging()
+    overrides = {}
+    if out is not None:
+        overrides["out_dir"] = str(out)
+    if seed is not None:
+        overrides["seed"] = seed
+    config = load_config(config_path, overrides)
+    best, metrics = run_training(config, resume=resume, progress=progress)
+    _print_metrics(metrics)
+    console.print(f"best checkpoint: {best}")
+
+
+def _parse_source(spec: str):
+    from multichex.training.config import SourceConfig
+
+    name, _, root = spec.partition("=")
+    return SourceConfig(name=name, root=root or None)
+
+
+@app.command()
+def evaluate(
+    data: list[str] = typer.Argument(..., metavar="SOURCE[=ROOT]...", help="Data sources, e.g. covid-chestxray=../shared/data/covid-chestxray (no ROOT: the bundled copy)."),
+    checkpoint: Path = typer.Option(..., exists=True, dir_okay=False, help="Checkpoint (.safetensors)."),
+    out: Path = typer.Option(Path("runs/evaluate"), help="Output folder."),
+    part: str = typer.Option("all", help="'all' images, or a part (train/val/test) of the checkpoint's own patient split."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples (patients) for 95% CIs; 0 disables."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+) -> None:
+    """Per-head metrics with patient-bootstrap 95% CIs on the given data; writes metrics.json and report.md."""
+    from multichex.evaluation.evaluate import evaluate_datasets
+    from multichex.evaluation.report import write_markdown_report
+    from multichex.training.checkpoint import load_model
+    from multichex.training.config import TrainConfig
+    from multichex.training.data import load_refs, make_datasets, split_sources
+
+    _setup_logging()
+    model, header = load_model(checkpoint)
+    sources = [_parse_source(s) for s in data]
+    if part == "all":
+        config = TrainConfig(model=model.config, sources=sources)
+        refs = {s.name: load_refs(s) for s in sources}
+    else:
+        if "train_config" not in header:
+            raise typer.BadParameter("this checkpoint records no training split; use --part all")
+        config = TrainConfig.from_dict({**header["train_config"], "sources": [s.__dict__ for s in sources]})
+        refs = split_sources(config)[part]
+    metrics = evaluate_datasets(model, make_datasets(config, refs, False), bootstrap=bootstrap, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_markdown_report(out / "report.md", metrics, [], f"multichex evaluate: {checkpoint.name}")
+    _print_metrics(metrics)
+
+
+@app.command()
+def predict(
+    paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Image files or folders (PNG, JPEG, DICOM)."),
+    checkpoint: Path = typer.Option(..., exists=True, dir_okay=False, help="Checkpoint (.safetensors)."),
+    out: Path = typer.Option(Path("runs/predict"), help="Output folder."),
+    gate: bool = typer.Option(True, "--gate/--no-gate", help="Run gated heads only on gate-positive images."),
+    score_threshold: float = typer.Option(0.25, help="Minimum box score."),
+    batch_size: int = typer.Option(8, help="Images per forward pass."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Per image: <stem>.json, <stem>_mask.png (original size) and <stem>_overlay.png."""
+    from multichex.data.io import list_images
+    from multichex.inference.predictor import Predictor, predict_files
+
+    _setup_logging()
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += list_images(path)
+        else:
+            files.append(path)
+    if not files:
+        raise typer.BadParameter("no image files found in the given paths")
+    predictor = Predictor.from_checkpoint(checkpoint, use_gate=gate, score_threshold=score_threshold)
+    records, errors = predict_files(predictor, files, out, batch_size=batch_size, progress=progress)
+    console.print(f"{len(records)} predictions written to {out}; {len(errors)} unreadable files"
+                  + (f" (see {out / 'errors.csv'})" if errors else ""))
+    if not records:
+        raise typer.Exit(code=1)
+
+
+if __name__ == "__main__":
+    app()
