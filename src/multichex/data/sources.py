@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from multichex.data.geometry import validate_boxes, xywh_to_xyxy
+from multichex.data.geometry import boxes_from_mask, validate_boxes, xywh_to_xyxy
 from multichex.data.io import ImageReadError, read_image
 from multichex.data.labels import NIH_FINDINGS, canonical_name, relabel
 from multichex.data.record import CXRSample
@@ -40,6 +40,7 @@ class SampleRef:
     mask_path: Path | None = None
     boxes_xywh: list[tuple[float, float, float, float]] | None = None
     box_names: list[str] | None = None
+    mask_box_label: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,12 +100,22 @@ def read_nih(root: Path, dataset: str = "nih-cxr14") -> list[SampleRef]:
     return refs
 
 
-def read_covid_chestxray(root: Path) -> list[SampleRef]:
-    """COVID-19 image data collection subset: lung masks, COVID-19 flag, Hannover patient ids for joint splits."""
+def read_covid_chestxray(root: Path, dataset: str = "covid-chestxray") -> list[SampleRef]:
+    """COVID-19 image data collection subset: lung masks, COVID-19 flag, Hannover patient ids for joint splits.
+
+    Patient ids: the Hannover id where the image is also in the Hannover repository (so both folders
+    split jointly), else ``split_group`` (the non-commercial folder's grouping), else the collection id.
+    """
     refs = []
     for row in _read_csv(root / "labels.csv"):
         hannover = (row.get("hannover_patient_id") or "").strip()
-        patient = f"hannover:{hannover}" if hannover else f"cohen:{row['patientid']}"
+        group = (row.get("split_group") or "").strip()
+        if hannover:
+            patient = f"hannover:{hannover}"
+        elif group:
+            patient = f"cohen:{group}"
+        else:
+            patient = f"cohen:{row['patientid']}"
         covid = _flag(row.get("covid19"))
         finding = (row.get("finding") or "").strip()
         mask_path = root / "masks" / row["image"]
@@ -112,7 +123,7 @@ def read_covid_chestxray(root: Path) -> list[SampleRef]:
         refs.append(
             SampleRef(
                 image_path=root / "images" / row["image"],
-                dataset="covid-chestxray",
+                dataset=dataset,
                 patient_id=patient,
                 findings={"COVID-19": covid, "No Finding": float(finding == "No Finding")},
                 positive=float(finding != "No Finding") if finding else math.nan,
@@ -160,6 +171,7 @@ READERS: dict[str, Callable[[Path], list[SampleRef]]] = {
     "nih-cxr14-bbox": lambda root: read_nih(root, "nih-cxr14-bbox"),
     "nih-cxr14-sample": lambda root: read_nih(root, "nih-cxr14-sample"),
     "covid-chestxray": read_covid_chestxray,
+    "covid-chestxray-nc": lambda root: read_covid_chestxray(root, "covid-chestxray-nc"),
     "hannover-covid19": read_hannover,
     "kermany-pediatric": read_kermany,
 }
@@ -234,7 +246,17 @@ class CXRDataset(Dataset):
             keep = [i for i, n in enumerate(names) if n in self.box_classes]
             boxes = box.apply_boxes(raw[keep]) if keep else torch.zeros(0, 4)
             labels = torch.tensor([self.box_classes.index(names[i]) for i in keep], dtype=torch.long)
+        elif mask is not None and ref.mask_box_label is not None:
+            boxes, labels = self._mask_boxes(mask, ref)
         return (image * 255).round().to(torch.uint8), mask, boxes, labels, box, (height, width)
+
+    def _mask_boxes(self, mask: torch.Tensor, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detection targets fitted to the mask's connected components (joint training, eq. 8)."""
+        if ref.mask_box_label not in self.box_classes:
+            raise ValueError(f"{ref.image_path}: mask box label {ref.mask_box_label!r} is not among the box classes {self.box_classes}")
+        min_area = max(4, (self.image_size // 64) ** 2 * 4)
+        boxes = boxes_from_mask(mask, min_area=min_area)
+        return boxes, torch.full((len(boxes),), self.box_classes.index(ref.mask_box_label), dtype=torch.long)
 
     def __getitem__(self, index: int) -> CXRSample | None:
         ref = self.refs[index]

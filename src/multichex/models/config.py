@@ -13,6 +13,15 @@ DEFAULT_BOX_CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration"
 TASKS = ("cls", "seg", "det", "gate")
 
 
+def strict_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config dataclass, refusing unknown keys (a typo in YAML should fail loudly)."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)} (known: {sorted(known)})")
+    return cls(**data)
+
+
 @dataclass
 class GateConfig:
     """Positive-case gate (§3.7): which heads it guards and where its probability comes from.
@@ -64,8 +73,4 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from multichex.data.transforms import AugmentConfig
-from multichex.models.config import ModelConfig
+from multichex.models.config import ModelConfig, strict_from_dict
 
 MODULES = ("encoder", "cls", "seg", "det", "gate")
 
@@ -22,6 +22,7 @@ class SourceConfig:
     root: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["cls", "gate", "seg", "det"])
     limit: int | None = None
+    boxes_from_masks: str | None = None  # box class given to boxes fitted to mask components
 
 
 @dataclass
@@ -49,13 +50,14 @@ class TrainConfig:
     channels_last: bool = True
     deterministic: bool = True
     threads: int | None = None
+    tensorboard: bool = False  # also log to OUT/tensorboard (needs the `tensorboard` package)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
-        self.sources = [SourceConfig(**s) if isinstance(s, dict) else s for s in self.sources]
+        self.sources = [strict_from_dict(SourceConfig, s) if isinstance(s, dict) else s for s in self.sources]
         if self.schedule not in {"alternating", "joint"}:
             raise ValueError(f"schedule must be 'alternating' or 'joint', got {self.schedule!r}")
         unknown = set(self.trainable) - set(MODULES)
@@ -67,11 +69,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -80,6 +80,7 @@ class Trainer:
         self.best_score: float | None = None
         self.history: list[dict[str, Any]] = []
         self.skipped_batches = 0
+        self.writer = _tensorboard_writer(self.out_dir) if config.tensorboard else None
 
     def _freeze(self) -> None:
         trainable = set(self.config.trainable)
@@ -170,6 +171,11 @@ class Trainer:
                     self._checkpoint("best", with_optimizer=False)
             self.history.append(record)
             self._write_log()
+            if self.writer is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        self.writer.add_scalar(key, value, self.epoch)
+                self.writer.flush()
             self._checkpoint("last", with_optimizer=True)
             if out_of_time:
                 log.info("time budget of %.1f min reached after epoch %d", self.config.max_minutes, self.epoch)
@@ -185,6 +191,14 @@ class Trainer:
             writer.writeheader()
             writer.writerows(self.history)
         (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+
+
+def _tensorboard_writer(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise RuntimeError("tensorboard: true needs the `tensorboard` package (pip install tensorboard)") from error
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
