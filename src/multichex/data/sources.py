@@ -125,7 +125,7 @@ def read_covid_chestxray(root: Path, dataset: str = "covid-chestxray") -> list[S
                 image_path=root / "images" / row["image"],
                 dataset=dataset,
                 patient_id=patient,
-                findings={"COVID-19": covid, "No Finding": float(finding == "No Finding")},
+                findings={"COVID-19": covid, "No Finding": float(finding == "No Finding") if finding else math.nan},
                 positive=float(finding != "No Finding") if finding else math.nan,
                 mask_path=mask_path if has_mask else None,
                 extra={"view": row.get("view", "")},

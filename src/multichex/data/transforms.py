@@ -173,6 +173,6 @@ class JointAugment:
         if mask is not None:
             mask = (warp(mask, forward, "nearest") > 0.5).float()
         if boxes is not None:
-            boxes, keep = clip_boxes(transform_boxes(boxes, forward), size, size)
+            boxes, keep = clip_boxes(transform_boxes(boxes, forward), size, size, min_size=1e-3)
             box_labels = box_labels[keep] if box_labels is not None else None
         return image, mask, boxes, box_labels

@@ -104,7 +104,10 @@ def summarize(out: Collected, class_names: list[str], box_classes: list[str], bo
         interval = {"value": full["map"]}
         if bootstrap and full["map"] is not None:
             interval = _interval(bootstrap_statistic(det["patients"], compute, n_resamples=min(bootstrap, 200), seed=seed))
-        metrics["detection"] = {"per_class": full["per_class"], "map": interval, "iou_threshold": 0.5, "n_images": len(det["gt_boxes"])}
+        metrics["detection"] = {
+            "per_class": full["per_class"], "map": interval, "iou_threshold": 0.5,
+            "n_gt": full["n_gt"], "n_images": len(det["gt_boxes"]),
+        }
     return metrics
 
 

@@ -71,14 +71,21 @@ class LiteEncoder(Encoder):
     Full-resolution stages dominate CPU time, so nothing runs above stride 2.
     """
 
-    def __init__(self, in_channels: int = 1, widths: tuple[int, int, int, int] = (32, 64, 128, 192), stem: int = 24) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        widths: tuple[int, int, int, int] = (32, 64, 128, 192),
+        depths: tuple[int, int, int, int] = (1, 2, 2, 1),
+        stem: int = 24,
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(_conv_bn_act(in_channels, stem, 2), _conv_bn_act(stem, widths[0], 2))
         self.stages = nn.ModuleList()
         previous = widths[0]
-        for index, width in enumerate(widths):
-            stride = 1 if index == 0 else 2
-            self.stages.append(_ResidualBlock(previous, width, stride))
+        for index, (width, depth) in enumerate(zip(widths, depths)):
+            blocks = [_ResidualBlock(previous, width, 1 if index == 0 else 2)]
+            blocks += [_ResidualBlock(width, width, 1) for _ in range(depth - 1)]
+            self.stages.append(nn.Sequential(*blocks))
             previous = width
         self.out_channels = tuple(widths)  # type: ignore[assignment]
 
@@ -141,7 +148,7 @@ class MonaiDenseNetEncoder(Encoder):
 
 
 register_encoder("lite")(lambda in_channels=1: LiteEncoder(in_channels))
-register_encoder("lite-small")(lambda in_channels=1: LiteEncoder(in_channels, widths=(16, 32, 64, 96), stem=16))
+register_encoder("lite-small")(lambda in_channels=1: LiteEncoder(in_channels, widths=(16, 32, 64, 96), depths=(1, 1, 1, 1), stem=16))
 register_encoder("resnet18")(lambda in_channels=1: MonaiResNetEncoder(18, in_channels))
 register_encoder("resnet34")(lambda in_channels=1: MonaiResNetEncoder(34, in_channels))
 register_encoder("resnet50")(lambda in_channels=1: MonaiResNetEncoder(50, in_channels))

@@ -35,7 +35,7 @@ class CheXDet(nn.Module):
         anchors: list[tuple[float, float]],
         image_size: int,
         stride: int = 16,
-        hidden: int = 128,
+        hidden: int = 64,
     ) -> None:
         super().__init__()
         self.stride = stride
@@ -45,7 +45,7 @@ class CheXDet(nn.Module):
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32) * image_size, persistent=False)
         cin = encoder_channels[self.level] + (encoder_channels[self.level + 1] if self.level < 3 else 0)
         self.body = nn.Sequential(
-            nn.Conv2d(cin, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
         )
         self.out = nn.Conv2d(hidden, len(anchors) * (5 + num_classes), 1)

@@ -7,9 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
+def _fuse_block(cin: int, cout: int) -> nn.Sequential:
+    """1×1 reduction of the concatenated features, then one 3×3 convolution.
+
+    Kept light on purpose: the decoder runs at stride 4, where every channel costs the most, and the
+    point of the shared encoder is that heads are cheap next to it.
+    """
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
     )
 
@@ -17,13 +22,13 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 class CheXSeg(nn.Module):
     """Upsample the deepest features, fuse each skip (stride 16 → 8 → 4), predict logits, resize to the input."""
 
-    def __init__(self, encoder_channels: tuple[int, ...], num_classes: int = 1, widths: tuple[int, int, int] = (96, 48, 32)) -> None:
+    def __init__(self, encoder_channels: tuple[int, ...], num_classes: int = 1, widths: tuple[int, int, int] = (64, 32, 16)) -> None:
         super().__init__()
         c4, c8, c16, c32 = encoder_channels
         self.blocks = nn.ModuleList([
-            _conv_block(c32 + c16, widths[0]),
-            _conv_block(widths[0] + c8, widths[1]),
-            _conv_block(widths[1] + c4, widths[2]),
+            _fuse_block(c32 + c16, widths[0]),
+            _fuse_block(widths[0] + c8, widths[1]),
+            _fuse_block(widths[1] + c4, widths[2]),
         ])
         self.head = nn.Conv2d(widths[2], num_classes, 1)
 
