@@ -473,7 +473,7 @@ def bench_shared(image_size: int, quick: bool, gen: torch.Generator) -> dict:
         if quick:
             warmup, repeats = 2, 3
         else:
-            warmup, repeats = (10, 41) if batch == 1 else (2, 7)
+            warmup, repeats = (10, 101) if batch == 1 else (2, 7)
         images = synthetic_images(batch, image_size, gen)
 
         def run_shared() -> None:
@@ -500,13 +500,17 @@ def bench_shared(image_size: int, quick: bool, gen: torch.Generator) -> dict:
                 "gate_head": lambda: shared.gate(features),
                 "seg_head": lambda: shared.seg(features, size),
                 "det_head": lambda: shared.det(features),
+                # full single-task forwards (encoder + one head) of the separate models
+                "cls_only_forward": lambda: separate["cls"](images, tasks=["cls"]),
+                "seg_only_forward": lambda: separate["seg"](images, tasks=["seg"]),
+                "det_only_forward": lambda: separate["det"](images, tasks=["det"]),
             }
             breakdown = {}
             for part, fn in parts.items():
                 breakdown[part] = statistics.median(time_calls(fn, warmup, repeats)) * 1e3
             if batch == 1:  # compute per image: independent of timing noise
                 modules = {"encoder": shared.encoder, "cls_head": shared.cls, "gate_head": shared.gate, "seg_head": shared.seg, "det_head": shared.det}
-                out["gmacs_per_image"] = {part: count_macs(modules[part], fn) / 1e9 for part, fn in parts.items()}
+                out["gmacs_per_image"] = {part: count_macs(modules[part], parts[part]) / 1e9 for part in modules}
 
         shared_s = summary(shared_times, batch)
         separate_s = summary(separate_times, batch)
@@ -518,6 +522,8 @@ def bench_shared(image_size: int, quick: bool, gen: torch.Generator) -> dict:
             "separate": separate_s,
             "ratio": separate_s["median_s"] / shared_s["median_s"],
             "breakdown_ms": breakdown,
+            # heads as they actually cost inside the shared pass (cold caches, after the encoder)
+            "heads_in_pass_ms": shared_s["median_s"] * 1e3 - enc,
             "encoder_share_of_shared": enc / (enc + heads),
             # what the ratio would be if time were exactly encoder + heads: (3E + H) / (E + H)
             "predicted_ratio": (3 * enc + heads) / (enc + heads),
@@ -689,14 +695,28 @@ def render_markdown(report: dict) -> str:
         "",
         "### Breakdown (median ms per call; heads timed on cached encoder features)",
         "",
-        "| batch | encoder | cls head | gate head | seg head | det head | encoder share of shared pass | predicted ratio (3E+H)/(E+H) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | encoder E | cls head | gate head | seg head | det head | E share of E+H (isolated) | predicted ratio (3E+H)/(E+H) | heads inside shared pass (shared − E) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for batch, e in s["batches"].items():
         b = e["breakdown_ms"]
         lines.append(
             f"| {batch} | {b['encoder']:.2f} | {b['cls_head']:.3f} | {b['gate_head']:.3f} | {b['seg_head']:.2f} | {b['det_head']:.2f} | "
-            f"{e['encoder_share_of_shared'] * 100:.0f}% | {e['predicted_ratio']:.2f}x |"
+            f"{e['encoder_share_of_shared'] * 100:.0f}% | {e['predicted_ratio']:.2f}x | {e['heads_in_pass_ms']:.2f} |"
+        )
+    lines += [
+        "",
+        "Single-task forwards of the separate models (encoder + one head, median ms); \"head in pass\" = forward − encoder E:",
+        "",
+        "| batch | cls-only forward | seg-only forward | det-only forward | cls head in pass | seg head in pass | det head in pass |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for batch, e in s["batches"].items():
+        b = e["breakdown_ms"]
+        enc = b["encoder"]
+        lines.append(
+            f"| {batch} | {b['cls_only_forward']:.2f} | {b['seg_only_forward']:.2f} | {b['det_only_forward']:.2f} | "
+            f"{b['cls_only_forward'] - enc:.2f} | {b['seg_only_forward'] - enc:.2f} | {b['det_only_forward'] - enc:.2f} |"
         )
     lines += [
         "",
@@ -706,7 +726,8 @@ def render_markdown(report: dict) -> str:
         "",
         "E = encoder time, H = cls + seg + det head time. Three separate models pay 3E + H, the shared pass E + H, so the ratio "
         "can only approach 3x when the heads are negligible next to the encoder; reaching 2.5x needs H <= E/3 "
-        "(the encoder must be >= 75% of the shared pass).",
+        "(the encoder must be >= 75% of the shared pass). Heads timed in isolation run on hot caches; the last column "
+        "(shared-pass median minus encoder median) is what they cost inside the real pass.",
     ]
     if any(not t["pass"] for t in report["targets"] if t["unit"] == "x"):
         parts = []
@@ -714,11 +735,15 @@ def render_markdown(report: dict) -> str:
             b = e["breakdown_ms"]
             heads = {k: b[k] for k in ("cls_head", "seg_head", "det_head")}
             top = max(heads, key=heads.get)
+            in_pass = e["heads_in_pass_ms"]
+            total = e["shared"]["median_s"] * 1e3
             parts.append(
-                f"batch {batch}: encoder {b['encoder']:.2f} ms = {e['encoder_share_of_shared'] * 100:.0f}% of encoder+heads; "
-                f"largest head {top} {heads[top]:.2f} ms"
+                f"batch {batch} (ratio {e['ratio']:.2f}x): encoder {b['encoder']:.2f} ms = {e['encoder_share_of_shared'] * 100:.0f}% of "
+                f"encoder+heads timed in isolation (largest head {top} {heads[top]:.2f} ms); inside the shared pass the heads take "
+                f"{in_pass:.2f} ms of {total:.2f} ms ({in_pass / total * 100:.0f}%)"
             )
-        lines += ["", "**Shared-pass target not met** — " + "; ".join(parts) + "."]
+        failed = [t["name"].rsplit("batch ", 1)[-1] for t in report["targets"] if t["unit"] == "x" and not t["pass"]]
+        lines += ["", f"**Shared-pass target not met at batch {', '.join(failed)}** — " + "; ".join(parts) + "."]
     lines.append("")
     return "\n".join(lines)
 

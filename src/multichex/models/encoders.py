@@ -75,7 +75,7 @@ class LiteEncoder(Encoder):
         self,
         in_channels: int = 1,
         widths: tuple[int, int, int, int] = (32, 64, 128, 192),
-        depths: tuple[int, int, int, int] = (1, 2, 2, 1),
+        depths: tuple[int, int, int, int] = (1, 2, 3, 2),
         stem: int = 24,
     ) -> None:
         super().__init__()
@@ -106,7 +106,7 @@ class MonaiResNetEncoder(Encoder):
         from monai.networks import nets
 
         builder = {18: nets.resnet18, 34: nets.resnet34, 50: nets.resnet50}[depth]
-        net = builder(spatial_dims=2, n_input_channels=in_channels, num_classes=1)
+        net = builder(spatial_dims=2, n_input_channels=in_channels, num_classes=1, conv1_t_size=7, conv1_t_stride=2)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
         self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         expansion = 4 if depth == 50 else 1

@@ -39,6 +39,8 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     batch_size: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "cosine"  # "cosine" (linear warm-up, cosine decay over all steps) or "constant"
+    warmup_steps: int = 20
     weight_decay: float = 1e-4
     max_minutes: float | None = None
     trainable: list[str] = field(default_factory=lambda: list(MODULES))
@@ -58,6 +60,8 @@ class TrainConfig:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
         self.sources = [strict_from_dict(SourceConfig, s) if isinstance(s, dict) else s for s in self.sources]
+        if self.lr_schedule not in {"cosine", "constant"}:
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.schedule not in {"alternating", "joint"}:
             raise ValueError(f"schedule must be 'alternating' or 'joint', got {self.schedule!r}")
         unknown = set(self.trainable) - set(MODULES)

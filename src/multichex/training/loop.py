@@ -76,11 +76,23 @@ class Trainer:
         schedule = AlternatingBatches if config.schedule == "alternating" else JointBatches
         self.batches = schedule(train_sets, config.batch_size, config.seed, config.num_workers)
         self.steps_per_epoch = config.steps_per_epoch or self.batches.default_steps()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.epoch = 0
         self.best_score: float | None = None
         self.history: list[dict[str, Any]] = []
         self.skipped_batches = 0
         self.writer = _tensorboard_writer(self.out_dir) if config.tensorboard else None
+
+    def _lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier at a global step: linear warm-up, then cosine decay to 1% (or constant)."""
+        if self.config.lr_schedule == "constant":
+            return 1.0
+        warmup = max(1, self.config.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        total = max(warmup + 1, self.config.epochs * self.steps_per_epoch)
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _freeze(self) -> None:
         trainable = set(self.config.trainable)
@@ -103,6 +115,7 @@ class Trainer:
         restore_training_state(self.optimizer, header, tensors)
         state = header.get("trainer", {})
         self.epoch = int(state.get("epoch", 0))
+        self.scheduler.last_epoch = int(state.get("global_step", self.epoch * self.steps_per_epoch))
         self.best_score = state.get("best_score")
         self.history = state.get("history", [])
         log.info("resumed %s at epoch %d", path, self.epoch)
@@ -110,7 +123,7 @@ class Trainer:
     def _checkpoint(self, name: str, with_optimizer: bool) -> Path:
         extra = {
             "train_config": self.config.to_dict(),
-            "trainer": {"epoch": self.epoch, "best_score": self.best_score, "history": self.history},
+            "trainer": {"epoch": self.epoch, "global_step": self.scheduler.last_epoch, "best_score": self.best_score, "history": self.history},
         }
         return save_checkpoint(self.out_dir / f"{name}.safetensors", self.model, extra, self.optimizer if with_optimizer else None)
 
@@ -135,6 +148,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
+        self.scheduler.step()
         return {k: float(v.detach()) for k, v in losses.items()}
 
     def fit(self) -> list[dict[str, Any]]:
