@@ -336,3 +336,45 @@ def test_load_config_yaml_and_errors(tmp_path):
         TrainConfig(schedule="random")
     with pytest.raises(ValueError, match="trainable"):
         TrainConfig(trainable=["encoder", "decoder"])
+
+
+def test_boxes_from_masks_give_one_box_per_lung(covid_root):
+    """Joint training (eq. 8): boxes fitted to each mask component, labelled with the configured class."""
+    from multichex.data.sources import CXRDataset
+    from multichex.training.config import SourceConfig
+    from multichex.training.data import load_refs
+
+    refs = load_refs(SourceConfig("covid-chestxray", root=str(covid_root), boxes_from_masks="Lung"))
+    dataset = CXRDataset(refs, ["COVID-19"], ["Nodule", "Lung"], 64, augment=None)
+    sample = dataset[0]
+    assert sample.boxes is not None and len(sample.boxes) == 2  # two elliptical lungs
+    assert sample.box_labels.tolist() == [1, 1]
+    ys, xs = torch.nonzero(sample.mask[0] > 0.5, as_tuple=True)
+    inside = torch.zeros_like(xs, dtype=torch.bool)
+    for x1, y1, x2, y2 in sample.boxes.tolist():
+        inside |= (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+    assert inside.all()
+    with pytest.raises(ValueError, match="not among the box classes"):
+        CXRDataset(refs, ["COVID-19"], ["Nodule"], 64, augment=None, cache=False)._load(0)
+
+
+def test_cosine_schedule_warms_up_then_decays(tmp_path, covid_root):
+    from multichex.training.config import SourceConfig, TrainConfig
+    from multichex.training.data import make_datasets, split_sources
+    from multichex.training.loop import Trainer
+
+    config = TrainConfig(
+        sources=[SourceConfig("covid-chestxray", root=str(covid_root), tasks=["seg"])],
+        model={"encoder": "lite-small", "image_size": 64},
+        epochs=2, steps_per_epoch=5, batch_size=4, lr=0.01, warmup_steps=3,
+        out_dir=str(tmp_path), split={"train": 1.0}, augment={"enabled": False},
+    )
+    parts = split_sources(config)
+    trainer = Trainer(config, make_datasets(config, parts["train"], True), progress=False)
+    factors = [trainer._lr_factor(step) for step in range(10)]
+    assert factors[0] == pytest.approx(1 / 3) and factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    assert factors[-1] < 0.2
+    trainer.fit()
+    assert trainer.scheduler.last_epoch == 10
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * trainer._lr_factor(10))
