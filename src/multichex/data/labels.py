@@ -11,7 +11,10 @@ NIH_FINDINGS: tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )
-CANONICAL_FINDINGS: tuple[str, ...] = NIH_FINDINGS + ("COVID-19", "Tuberculosis", "Lung Opacity", "No Finding")
+CHEXPERT_EXTRA: tuple[str, ...] = ("Enlarged Cardiomediastinum", "Lung Lesion", "Fracture", "Support Devices", "Pleural Other")
+CANONICAL_FINDINGS: tuple[str, ...] = NIH_FINDINGS + CHEXPERT_EXTRA + (
+    "COVID-19", "Bacterial Pneumonia", "Viral Pneumonia", "Fungal Pneumonia", "Tuberculosis", "Lung Opacity", "No Finding",
+)
 
 # Source spellings → canonical name.
 SYNONYMS: dict[str, str] = {
@@ -21,6 +24,8 @@ SYNONYMS: dict[str, str] = {
     "COVID19": "COVID-19",
     "covid19": "COVID-19",
     "TB": "Tuberculosis",
+    "Pleural Effusion": "Effusion",
+    "Infiltrates": "Infiltration",
 }
 
 

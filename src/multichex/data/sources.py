@@ -23,6 +23,7 @@ from multichex.data.geometry import boxes_from_mask, validate_boxes, xywh_to_xyx
 from multichex.data.io import ImageReadError, read_image
 from multichex.data.labels import NIH_FINDINGS, canonical_name, relabel
 from multichex.data.record import CXRSample
+from multichex.data.rle import merge_rle
 from multichex.data.transforms import AugmentConfig, JointAugment, Letterbox, normalize_intensity
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ class SampleRef:
     patient_id: str
     findings: dict[str, float] = field(default_factory=dict)
     positive: float = math.nan
-    mask_path: Path | None = None
+    mask_path: Path | list[Path] | None = None  # several paths are merged (e.g. left + right lung)
+    mask_rle: list[str] | None = None  # SIIM-style column-major relative RLE rows, merged; ["-1"] = empty mask
     boxes_xywh: list[tuple[float, float, float, float]] | None = None
     box_names: list[str] | None = None
     mask_box_label: str | None = None
@@ -167,6 +169,25 @@ def read_kermany(root: Path) -> list[SampleRef]:
     return refs
 
 
+def read_mask(ref: SampleRef, height: int, width: int) -> np.ndarray | None:
+    """The ref's mask as an ``height×width`` bool array (union of files or RLE rows), or None if it has none."""
+    if ref.mask_rle is not None:
+        try:
+            return merge_rle(ref.mask_rle, height, width)
+        except ValueError as error:
+            raise ImageReadError(ref.image_path, f"bad run-length mask: {error}") from error
+    if ref.mask_path is None:
+        return None
+    paths = ref.mask_path if isinstance(ref.mask_path, list) else [ref.mask_path]
+    merged = np.zeros((height, width), dtype=bool)
+    for path in paths:
+        array = read_image(path).array
+        if array.shape != (height, width):
+            raise ImageReadError(path, f"mask size {array.shape} differs from image size {(height, width)}")
+        merged |= array > 0.5
+    return merged
+
+
 READERS: dict[str, Callable[[Path], list[SampleRef]]] = {
     "nih-cxr14-bbox": lambda root: read_nih(root, "nih-cxr14-bbox"),
     "nih-cxr14-sample": lambda root: read_nih(root, "nih-cxr14-sample"),
@@ -233,11 +254,9 @@ class CXRDataset(Dataset):
         box = Letterbox.fit(height, width, self.image_size)
         image = box.apply_image(torch.from_numpy(normalize_intensity(loaded.array))[None])
         mask = None
-        if ref.mask_path is not None:
-            mask_array = read_image(ref.mask_path).array
-            if mask_array.shape != (height, width):
-                raise ImageReadError(ref.mask_path, f"mask size {mask_array.shape} differs from image size {(height, width)}")
-            mask = (box.apply_image(torch.from_numpy(mask_array > 0.5).float()[None]) > 0.5).to(torch.uint8)
+        mask_array = read_mask(ref, height, width)
+        if mask_array is not None:
+            mask = (box.apply_image(torch.from_numpy(mask_array).float()[None]) > 0.5).to(torch.uint8)
         boxes = labels = None
         if ref.boxes_xywh is not None:
             raw = xywh_to_xyxy(torch.tensor(ref.boxes_xywh, dtype=torch.float32).reshape(-1, 4))
