@@ -22,8 +22,11 @@ __all__ = [
     "MAX_PIXELS",
     "ImageReadError",
     "LoadedImage",
+    "JSRT_PIXEL_SPACING",
+    "JSRT_SHAPE",
     "list_images",
     "read_image",
+    "read_jsrt_raw",
     "to_uint8",
 ]
 
@@ -35,6 +38,13 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
 )
 
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+JSRT_SHAPE: tuple[int, int] = (2048, 2048)
+"""Rows × columns of every JSRT ``.IMG`` file (headerless 16-bit big-endian words)."""
+JSRT_PIXEL_SPACING: tuple[float, float] = (0.175, 0.175)
+"""JSRT pixel size in mm (row, column)."""
+_JSRT_BYTES = JSRT_SHAPE[0] * JSRT_SHAPE[1] * 2
+_JSRT_MAX = 4095  # 12 bits stored
 _PREAMBLE_LEN = 128
 _SNIFF_LEN = 132
 # Raster formats Pillow may try; plugins that shell out (EPS) or are exotic are excluded.
@@ -91,6 +101,10 @@ def list_images(root: Path) -> list[Path]:
 def read_image(path: str | os.PathLike[str]) -> LoadedImage:
     """Read one image file into a float32 ``H×W`` array in ``[0, 1]``.
 
+    Headerless JSRT raw files carry no magic bytes, so they are the one case recognised by name
+    and size: a ``.img`` / ``.IMG`` file that is neither DICOM nor a known raster format is read
+    with :func:`read_jsrt_raw` (inverted so lungs are dark), and must be exactly 2048·2048·2 bytes.
+
     Raises:
         ImageReadError: for any failure (missing, empty, truncated, unsupported, too large,
             compressed DICOM without a decoder, non-finite values, ...).
@@ -98,6 +112,8 @@ def read_image(path: str | os.PathLike[str]) -> LoadedImage:
     path = Path(path)
     header = _read_header(path)
     kind = _sniff(header, path)
+    if path.suffix.lower() == ".img" and kind != "dicom" and not _looks_like_raster(header):
+        return read_jsrt_raw(path)
     try:
         if kind == "dicom":
             return _read_dicom(path, force=False)
@@ -110,6 +126,53 @@ def read_image(path: str | os.PathLike[str]) -> LoadedImage:
         raise ImageReadError(str(path), "out of memory while decoding") from None
     except Exception as exc:  # noqa: BLE001 - every failure must become ImageReadError
         raise ImageReadError(str(path), f"unexpected {type(exc).__name__}: {exc}") from exc
+
+
+def read_jsrt_raw(path: str | os.PathLike[str], *, invert: bool = True) -> LoadedImage:
+    """Read a JSRT ``.IMG`` file: headerless 2048×2048 big-endian uint16, 12 bits stored, 0.175 mm pixels.
+
+    JSRT raw values grow with film darkness (the stored number is like an optical density:
+    air-filled lung is a HIGH value, bone a LOW one). With ``invert=True`` (what
+    :func:`read_image` uses) the result is ``(4095 - raw) / 4095`` so lungs are dark and bone
+    bright, like every other image this package reads; ``invert=False`` gives ``raw / 4095``.
+    Source of the convention: the widely used JSRT conversion ``img = 1.0 - raw / 4096`` in the
+    README of github.com/imlab-uiip/lung-segmentation-2d (and its many forks), which yields the
+    usual radiograph appearance. Values above 4095 (not expected) are clipped and counted in
+    ``meta["clipped_pixels"]``.
+
+    Raises:
+        ImageReadError: when the file is missing or is not exactly 2048·2048·2 bytes.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageReadError(str(path), "file not found") from None
+    except OSError as exc:
+        raise ImageReadError(str(path), f"cannot open file: {exc}") from exc
+    if size != _JSRT_BYTES:
+        raise ImageReadError(
+            str(path),
+            f"not a JSRT raw image: .IMG files must be exactly {_JSRT_BYTES} bytes "
+            f"({JSRT_SHAPE[0]}×{JSRT_SHAPE[1]} big-endian uint16), this one has {size} bytes",
+        )
+    try:
+        raw = np.fromfile(path, dtype=">u2").reshape(JSRT_SHAPE)
+    except (OSError, ValueError) as exc:
+        raise ImageReadError(str(path), f"cannot read JSRT raw data: {exc}") from exc
+    clipped = int(np.count_nonzero(raw > _JSRT_MAX))
+    values = np.minimum(raw, _JSRT_MAX).astype(np.float32)
+    if invert:
+        values = _JSRT_MAX - values
+    return _finish(
+        values / np.float32(_JSRT_MAX),
+        path,
+        fmt="jsrt-raw",
+        bits=12,
+        photometric="MONOCHROME2" if invert else "MONOCHROME1",
+        spacing=JSRT_PIXEL_SPACING,
+        extra={"inverted": invert, "clipped_pixels": clipped},
+    )
 
 
 # --------------------------------------------------------------------------- detection

@@ -203,14 +203,22 @@ def bundled_sample_root() -> Path:
     return Path(str(resources.files("multichex") / "sample_data"))
 
 
+def all_readers() -> dict[str, Callable[[Path], list[SampleRef]]]:
+    """The ``shared/data`` layouts plus every data set's native (as published) layout."""
+    from multichex.data.native import native_readers
+
+    return {**READERS, **native_readers()}
+
+
 def read_source(name: str, root: str | Path | None = None) -> list[SampleRef]:
     """Read one known folder layout; ``root=None`` reads the bundled sample copy of it."""
-    if name not in READERS:
-        raise ValueError(f"unknown source {name!r}; known: {sorted(READERS)}")
+    readers = all_readers()
+    if name not in readers:
+        raise ValueError(f"unknown source {name!r}; known: {sorted(readers)}")
     folder = Path(root) if root is not None else bundled_sample_root() / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: data folder for source {name!r} not found")
-    return READERS[name](folder)
+    return readers[name](folder)
 
 
 class CXRDataset(Dataset):
