@@ -210,15 +210,20 @@ def all_readers() -> dict[str, Callable[[Path], list[SampleRef]]]:
     return {**READERS, **native_readers()}
 
 
-def read_source(name: str, root: str | Path | None = None) -> list[SampleRef]:
-    """Read one known folder layout; ``root=None`` reads the bundled sample copy of it."""
+def read_source(name: str, root: str | Path | None = None, options: dict[str, Any] | None = None) -> list[SampleRef]:
+    """Read one known folder layout (``options`` go to its reader); ``root=None`` reads the bundled sample copy."""
     readers = all_readers()
     if name not in readers:
         raise ValueError(f"unknown source {name!r}; known: {sorted(readers)}")
     folder = Path(root) if root is not None else bundled_sample_root() / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: data folder for source {name!r} not found")
-    return readers[name](folder)
+    if options and name in READERS:
+        raise ValueError(f"source {name!r} takes no reader options, got {sorted(options)}")
+    try:
+        return readers[name](folder, **(options or {}))
+    except TypeError as error:
+        raise ValueError(f"bad reader options for source {name!r}: {error}") from error
 
 
 class CXRDataset(Dataset):

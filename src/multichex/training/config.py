@@ -23,6 +23,7 @@ class SourceConfig:
     tasks: list[str] = field(default_factory=lambda: ["cls", "gate", "seg", "det"])
     limit: int | None = None
     boxes_from_masks: str | None = None  # box class given to boxes fitted to mask components
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the reader, e.g. {uncertain: ones}
 
 
 @dataclass

@@ -25,7 +25,7 @@ def restrict_tasks(ref: SampleRef, tasks: list[str]) -> SampleRef:
 
 def load_refs(source: SourceConfig) -> list[SampleRef]:
     """Read a source, hide the labels of tasks it should not train, optionally fit boxes to its masks."""
-    refs = [restrict_tasks(r, source.tasks) for r in read_source(source.name, source.root)]
+    refs = [restrict_tasks(r, source.tasks) for r in read_source(source.name, source.root, source.options)]
     if source.boxes_from_masks:
         refs = [replace(r, mask_box_label=source.boxes_from_masks) for r in refs]
     return refs[: source.limit] if source.limit else refs

@@ -123,3 +123,19 @@ def test_path_without_patient_is_malformed(tmp_path):
     folder = write(tmp_path, valid=[row("valid/someone/study1/view1_frontal.jpg", "Frontal", {})])
     with pytest.raises(ValueError, match=r"valid.csv: line 2: 'Path' .* has no patientNNNNN component"):
         read_chexpert(folder, splits=("valid",))
+
+
+def test_reader_options_flow_from_a_source_config(tmp_path):
+    """The uncertainty policy set in a run config reaches the CheXpert reader."""
+    from multichex.training.config import SourceConfig
+    from multichex.training.data import load_refs
+
+    folder = write(tmp_path)
+    default = load_refs(SourceConfig("chexpert", root=str(folder), options={"splits": ["train"]}))
+    ones = load_refs(SourceConfig("chexpert", root=str(folder), options={"splits": ["train"], "uncertain": "ones"}))
+    by_patient = lambda refs: {r.patient_id: r.findings for r in refs}  # noqa: E731
+    key = next(p for p in by_patient(default) if p.endswith("00003"))
+    assert math.isnan(by_patient(default)[key]["Atelectasis"])
+    assert by_patient(ones)[key]["Atelectasis"] == 1.0
+    with pytest.raises(ValueError, match="bad reader options"):
+        load_refs(SourceConfig("chexpert", root=str(folder), options={"no_such_option": 1}))

@@ -30,5 +30,6 @@ def native_reader(name: str) -> Callable[..., list]:
     return getattr(import_module(f"{__name__}.{module}"), function)
 
 
-def native_readers() -> dict[str, Callable[[Path], list]]:
-    return {name: (lambda root, _name=name: native_reader(_name)(root)) for name in NATIVE_SOURCES}
+def native_readers() -> dict[str, Callable[..., list]]:
+    """Name → ``reader(root, **options)`` for every native source."""
+    return {name: (lambda root, _name=name, **options: native_reader(_name)(root, **options)) for name in NATIVE_SOURCES}
