@@ -15,8 +15,10 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from multichex import CLINICAL_DISCLAIMER
+from multichex.data.cache_cli import data_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=f"Multi-task chest X-ray network. {CLINICAL_DISCLAIMER}")
+app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 
@@ -51,21 +53,21 @@ def run_training(config, resume: bool = False, progress: bool = True) -> tuple[P
     """Split, train, then evaluate the best checkpoint on the held-out test patients."""
     from multichex.evaluation.evaluate import evaluate_datasets
     from multichex.training.checkpoint import load_model
-    from multichex.training.data import make_datasets, split_sources
+    from multichex.training.data import build_datasets
     from multichex.training.loop import Trainer
 
     out_dir = Path(config.out_dir)
-    parts = split_sources(config, out_dir)
-    trainer = Trainer(config, make_datasets(config, parts["train"], True), make_datasets(config, parts["val"], False), progress=progress)
+    parts = build_datasets(config, out_dir)
+    trainer = Trainer(config, parts["train"], parts.get("val"), progress=progress)
     if resume:
         trainer.resume()
     trainer.fit()
     best = out_dir / "best.safetensors"
     model, _ = load_model(best)
     metrics = {}
-    if "test" in parts and any(parts["test"].values()):
-        metrics = evaluate_datasets(model, make_datasets(config, parts["test"], False), bootstrap=1000, seed=config.seed)
-    metrics["split"] = {part: {name: len(refs) for name, refs in sources.items()} for part, sources in parts.items()}
+    if parts.get("test"):
+        metrics = evaluate_datasets(model, parts["test"], bootstrap=1000, seed=config.seed)
+    metrics["split"] = {part: {name: len(dataset) for name, dataset in sources.items()} for part, sources in parts.items()}
     metrics["epochs_trained"] = trainer.epoch
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return best, metrics
@@ -137,9 +139,12 @@ def train(
 
 
 def _parse_source(spec: str):
+    """``NAME[=ROOT]``; a ROOT made by ``multichex data prepare`` is read as a prepared cache."""
     from multichex.training.config import SourceConfig
 
     name, _, root = spec.partition("=")
+    if root and (Path(root) / "manifest.json").is_file():
+        return SourceConfig(name=name, prepared=root)
     return SourceConfig(name=name, root=root or None)
 
 
@@ -157,20 +162,21 @@ def evaluate(
     from multichex.evaluation.report import write_markdown_report
     from multichex.training.checkpoint import load_model
     from multichex.training.config import TrainConfig
-    from multichex.training.data import load_refs, make_datasets, split_sources
+    from multichex.training.data import build_datasets
 
     _setup_logging()
     model, header = load_model(checkpoint)
     sources = [_parse_source(s) for s in data]
     if part == "all":
-        config = TrainConfig(model=model.config, sources=sources)
-        refs = {s.name: load_refs(s) for s in sources}
+        config = TrainConfig(model=model.config, sources=sources, split={"all": 1.0})
     else:
         if "train_config" not in header:
             raise typer.BadParameter("this checkpoint records no training split; use --part all")
         config = TrainConfig.from_dict({**header["train_config"], "sources": [s.__dict__ for s in sources]})
-        refs = split_sources(config)[part]
-    metrics = evaluate_datasets(model, make_datasets(config, refs, False), bootstrap=bootstrap, seed=seed)
+    datasets = build_datasets(config, whole_caches=part == "all").get(part, {})
+    if not datasets:
+        raise typer.BadParameter(f"no images in part {part!r} of the given sources")
+    metrics = evaluate_datasets(model, datasets, bootstrap=bootstrap, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_markdown_report(out / "report.md", metrics, [], f"multichex evaluate: {checkpoint.name}")

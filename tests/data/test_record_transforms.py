@@ -151,7 +151,8 @@ def test_box_helpers():
         validate_boxes(torch.tensor([[math.nan, 0.0, 2.0, 8.0]]), 10, 10, "img.png")
     with pytest.raises(ValueError, match="outside"):
         validate_boxes(torch.tensor([[50.0, 50.0, 60.0, 60.0]]), 10, 10, "img.png")
-    assert validate_boxes(torch.tensor([[5.0, 5.0, 20.0, 8.0]]), 10, 10, "x").tolist() == [[5.0, 5.0, 10.0, 8.0]]
+    clipped, keep = validate_boxes(torch.tensor([[5.0, 5.0, 20.0, 8.0], [30.0, 30.0, 40.0, 40.0]]), 10, 10, "x")
+    assert clipped.tolist() == [[5.0, 5.0, 10.0, 8.0]] and keep.tolist() == [True, False]
 
 
 # --------------------------------------------------------------------------- joint augmentation

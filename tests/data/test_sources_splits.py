@@ -388,3 +388,18 @@ def test_nih_sample_layout_reader(tmp_path, cxr_factory):
     refs = read_source("nih-cxr14-sample", root)
     assert all(Path(r.image_path).parent == root / "images" for r in refs)
     assert all(r.dataset == "nih-cxr14-sample" for r in refs)
+
+
+def test_box_outside_image_drops_its_own_label(tmp_path):
+    """A box clipped away must take its label with it; the remaining box keeps its own label."""
+    import numpy as np
+    from PIL import Image
+
+    from multichex.data.sources import CXRDataset, SampleRef
+
+    path = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 40), 128, dtype=np.uint8)).save(path)
+    ref = SampleRef(path, "t", "p1", boxes_xywh=[(100, 100, 5, 5), (10, 10, 8, 8)], box_names=["Mass", "Nodule"])
+    sample = CXRDataset([ref], ["Mass"], ["Mass", "Nodule"], 40, augment=None)[0]
+    assert sample.boxes.tolist() == [[10.0, 10.0, 18.0, 18.0]]
+    assert sample.box_labels.tolist() == [1]

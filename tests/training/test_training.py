@@ -378,3 +378,31 @@ def test_cosine_schedule_warms_up_then_decays(tmp_path, covid_root):
     trainer.fit()
     assert trainer.scheduler.last_epoch == 10
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * trainer._lr_factor(10))
+
+
+def test_training_from_prepared_cache_matches_raw_folders(tmp_path, covid_root, nih_root, covid_test_root, nih_test_root):
+    """Same config, same steps: training from `multichex data prepare` caches learns what raw folders teach."""
+    from multichex.data.cache import prepare_cache
+    from multichex.training.data import build_datasets
+
+    all_train = {"train": 1.0, "val": 0.0, "test": 0.0}
+    caches = {}
+    for spec in sources(covid_root, nih_root):
+        caches[spec.name] = tmp_path / f"cache-{spec.name}"
+        prepare_cache(spec.name, spec.root, caches[spec.name], size=64, workers=1, fractions=all_train, progress=False)
+    prepared_sources = [SourceConfig(s.name, tasks=s.tasks, prepared=str(caches[s.name])) for s in sources(covid_root, nih_root)]
+    results = {}
+    for kind, source_list in (("raw", sources(covid_root, nih_root)), ("prepared", prepared_sources)):
+        config = train_config(tmp_path / kind, covid_root, nih_root, sources=source_list, epochs=3, steps_per_epoch=40,
+                              batch_size=16, augment=AugmentConfig(enabled=True))
+        parts = build_datasets(config, Path(config.out_dir))
+        assert {name: len(d) for name, d in parts["train"].items()} == {"covid-chestxray": 48, "nih-cxr14-bbox": 48}
+        trainer = Trainer(config, parts["train"], progress=False)
+        trainer.fit()
+        metrics = evaluate_datasets(trainer.model, heldout_sets(config, covid_test_root, nih_test_root), bootstrap=0)
+        results[kind] = (metrics["segmentation"]["dice"]["value"], metrics["classification"]["per_class"]["Mass"]["auroc"])
+    print("raw vs prepared (Dice, Mass AUROC):", results)
+    (raw_dice, raw_auroc), (cache_dice, cache_auroc) = results["raw"], results["prepared"]
+    assert raw_dice >= 0.75 and cache_dice >= 0.75, results
+    assert abs(raw_dice - cache_dice) < 0.08, results
+    assert raw_auroc >= 0.8 and cache_auroc >= 0.8, results

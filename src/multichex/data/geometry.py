@@ -41,8 +41,12 @@ def clip_boxes(boxes: torch.Tensor, height: int, width: int, min_size: float = 1
     return clipped[keep], keep
 
 
-def validate_boxes(boxes: torch.Tensor, height: int, width: int, source: str) -> torch.Tensor:
-    """Reject non-finite or inverted boxes with an error naming the source; clip the rest to the image."""
+def validate_boxes(boxes: torch.Tensor, height: int, width: int, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reject non-finite or inverted boxes with an error naming the source; clip the rest to the image.
+
+    Returns ``(clipped, keep)``: ``keep`` marks the input boxes that survive clipping, so callers can
+    drop the matching labels too.
+    """
     if boxes.numel() and not torch.isfinite(boxes).all():
         raise ValueError(f"{source}: box coordinates are not finite")
     if boxes.numel() and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
@@ -50,4 +54,4 @@ def validate_boxes(boxes: torch.Tensor, height: int, width: int, source: str) ->
     clipped, keep = clip_boxes(boxes, height, width)
     if boxes.numel() and not keep.any():
         raise ValueError(f"{source}: every box lies outside the {width}×{height} image")
-    return clipped
+    return clipped, keep

@@ -273,8 +273,11 @@ class CXRDataset(Dataset):
         boxes = labels = None
         if ref.boxes_xywh is not None:
             raw = xywh_to_xyxy(torch.tensor(ref.boxes_xywh, dtype=torch.float32).reshape(-1, 4))
-            raw = validate_boxes(raw, height, width, str(ref.image_path))
             names = [canonical_name(n) for n in (ref.box_names or [])]
+            if len(names) != len(raw):
+                raise ValueError(f"{ref.image_path}: {len(raw)} boxes but {len(names)} box labels")
+            raw, inside = validate_boxes(raw, height, width, str(ref.image_path))
+            names = [n for n, kept in zip(names, inside.tolist()) if kept]
             keep = [i for i, n in enumerate(names) if n in self.box_classes]
             boxes = box.apply_boxes(raw[keep]) if keep else torch.zeros(0, 4)
             labels = torch.tensor([self.box_classes.index(names[i]) for i in keep], dtype=torch.long)

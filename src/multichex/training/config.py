@@ -24,6 +24,7 @@ class SourceConfig:
     limit: int | None = None
     boxes_from_masks: str | None = None  # box class given to boxes fitted to mask components
     options: dict[str, Any] = field(default_factory=dict)  # passed to the reader, e.g. {uncertain: ones}
+    prepared: str | None = None  # a `multichex data prepare` folder: read from it, with its own split.json
 
 
 @dataclass

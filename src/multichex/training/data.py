@@ -32,8 +32,11 @@ def load_refs(source: SourceConfig) -> list[SampleRef]:
 
 
 def split_sources(config: TrainConfig, out_dir: Path | None = None) -> dict[str, dict[str, list[SampleRef]]]:
-    """Split all sources jointly by patient id (sources that share patients stay on one side)."""
-    per_source = {s.name: load_refs(s) for s in config.sources}
+    """Split all raw sources jointly by patient id (sources that share patients stay on one side).
+
+    Prepared caches are not listed here: they carry their own split (see :func:`build_datasets`).
+    """
+    per_source = {s.name: load_refs(s) for s in config.sources if not s.prepared}
     flat = [(name, ref) for name, refs in per_source.items() for ref in refs]
     parts = patient_split([ref.patient_id for _, ref in flat], config.split, seed=config.seed, strata=[name for name, _ in flat])
     result: dict[str, dict[str, list[SampleRef]]] = {part: {name: [] for name in per_source} for part in parts}
@@ -48,6 +51,34 @@ def split_sources(config: TrainConfig, out_dir: Path | None = None) -> dict[str,
             config.seed,
         )
     return result
+
+
+def prepared_datasets(config: TrainConfig, source: SourceConfig, whole: bool = False) -> dict[str, CXRDataset]:
+    """One :class:`PreparedDataset` per part of the cache's own ``split.json`` (or one ``"all"`` part)."""
+    from multichex.data.cache import PreparedDataset, read_split
+
+    model = config.model
+    parts = [None] if whole else list(read_split(Path(source.prepared)).get("parts", {}))
+    return {
+        part or "all": PreparedDataset(
+            source.prepared, model.class_names, model.box_classes, model.image_size,
+            augment=config.augment if part == "train" else None, seed=config.seed, part=part,
+            tasks=source.tasks, boxes_from_masks=source.boxes_from_masks,
+        )
+        for part in parts
+    }
+
+
+def build_datasets(config: TrainConfig, out_dir: Path | None = None, whole_caches: bool = False) -> dict[str, dict[str, CXRDataset]]:
+    """Part → source name → data set, for raw sources (split here) and prepared caches (their own split,
+    or every cached image under ``"all"`` when ``whole_caches``)."""
+    parts = {part: make_datasets(config, refs, train=part == "train") for part, refs in split_sources(config, out_dir).items()}
+    for source in config.sources:
+        if source.prepared:
+            for part, dataset in prepared_datasets(config, source, whole_caches).items():
+                if len(dataset):
+                    parts.setdefault(part, {})[source.name] = dataset
+    return parts
 
 
 def make_datasets(config: TrainConfig, refs: dict[str, list[SampleRef]], train: bool) -> dict[str, CXRDataset]:
