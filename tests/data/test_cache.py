@@ -353,3 +353,26 @@ def test_resume_after_sigkill_gives_identical_cache(tmp_path, cxr_factory):
     assert (resumed / "split.json").read_bytes() == (clean / "split.json").read_bytes()
     assert cache_files(resumed) == cache_files(clean)  # no temp files left, same names, same bytes
     assert len(read_index(resumed)) == 29 and len(read_errors(resumed)) == 1
+
+
+def test_prepare_reads_a_native_layout(tmp_path):
+    """A data set in its published layout (Kermany's chest_xray tree) prepares like any other source."""
+    from multichex.data.cache import prepare_cache, read_index
+
+    rng = np.random.default_rng(0)
+    names = {("train", "NORMAL"): ["IM-0001-0001.jpeg", "IM-0003-0001.jpeg"],
+             ("test", "PNEUMONIA"): ["person1_bacteria_1.jpeg", "person1_bacteria_2.jpeg", "person7_virus_13.jpeg"]}
+    for (split, label), files in names.items():
+        folder = tmp_path / "chest_xray" / split / label
+        folder.mkdir(parents=True)
+        for name in files:
+            Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)).save(folder / name)
+    result = prepare_cache("kermany-chest-xray", tmp_path, tmp_path / "cache", size=32, workers=1, progress=False)
+    assert (result.total, result.prepared, result.skipped) == (5, 5, 0)
+    rows = {Path(r["path"]).name: r for r in read_index(tmp_path / "cache")}
+    assert rows["person7_virus_13.jpeg"]["patient_id"] == "kermany:person7"
+    assert rows["person7_virus_13.jpeg"]["findings"]["Viral Pneumonia"] == 1
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["options"]["reader"] == "multichex.data.native.kermany.read_kermany"
+    with pytest.raises(ValueError, match="unknown source"):
+        prepare_cache("no-such-source", tmp_path, tmp_path / "cache2", size=32, workers=1, progress=False)

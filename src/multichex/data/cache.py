@@ -50,7 +50,7 @@ from PIL import Image
 import multichex
 from multichex.data.io import ImageReadError
 from multichex.data.labels import canonical_name
-from multichex.data.sources import READERS, CXRDataset, SampleRef, bundled_sample_root, read_source
+from multichex.data.sources import READERS, CXRDataset, SampleRef, all_readers, bundled_sample_root, read_source
 from multichex.data.splits import patient_split
 from multichex.data.transforms import AugmentConfig, Letterbox
 
@@ -424,16 +424,28 @@ class PrepareResult:
         return self.prepared / self.seconds if self.seconds > 0 else math.nan
 
 
+def _reader_name(source: str) -> str:
+    """Dotted name of the function that reads ``source`` (recorded in the manifest)."""
+    from multichex.data.native import NATIVE_SOURCES
+
+    if source in NATIVE_SOURCES:
+        module, function = NATIVE_SOURCES[source]
+        return f"multichex.data.native.{module}.{function}"
+    if source not in READERS:
+        raise ValueError(f"unknown source {source!r}; known: {sorted(all_readers())}")
+    reader = READERS[source]
+    return f"{reader.__module__}.{reader.__qualname__}"
+
+
 def _options(source: str, root: Path, size: int, limit: int | None) -> dict[str, Any]:
     """Everything the cache content depends on (a rerun must match these)."""
-    reader = READERS[source]
     return {
         "format": CACHE_FORMAT,
         "source": source,
         "root": str(root),
         "size": size,
         "limit": limit,
-        "reader": f"{reader.__module__}.{reader.__qualname__}",
+        "reader": _reader_name(source),
         "png_compress_level": PNG_COMPRESS_LEVEL,
         "intensity": "normalize_intensity(low_pct=0.5, high_pct=99.5)",
         "letterbox": "Letterbox.fit + bilinear antialiased resize, zero padding; masks thresholded at 0.5",
