@@ -403,3 +403,17 @@ def test_box_outside_image_drops_its_own_label(tmp_path):
     sample = CXRDataset([ref], ["Mass"], ["Mass", "Nodule"], 40, augment=None)[0]
     assert sample.boxes.tolist() == [[10.0, 10.0, 18.0, 18.0]]
     assert sample.box_labels.tolist() == [1]
+
+
+def test_shared_patient_does_not_eat_its_stratums_quota():
+    """A patient with 1 image in stratum A and 40 in B must not fill A's training share by itself."""
+    from multichex.data.splits import patient_split
+
+    ids = [f"a{i}" for i in range(20)] + ["shared"] + ["shared"] * 40 + [f"b{i}" for i in range(20)]
+    strata = ["A"] * 21 + ["B"] * 60
+    for seed in range(5):
+        parts = patient_split(ids, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=seed, strata=strata)
+        a_counts = {part: sum(1 for i in idx if strata[i] == "A") for part, idx in parts.items()}
+        assert all(a_counts[part] >= 3 for part in ("val", "test")), (seed, a_counts)
+        where = {part for part, idx in parts.items() for i in idx if ids[i] == "shared"}
+        assert len(where) == 1

@@ -26,10 +26,12 @@ def patient_split(
     fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
     if abs(sum(fractions.values()) - 1.0) > 1e-6 or any(f < 0 for f in fractions.values()):
         raise ValueError(f"split fractions must be non-negative and sum to 1, got {fractions}")
-    counts = Counter(patient_ids)
     stratum_of: dict[str, str] = {}
     for index, patient in enumerate(patient_ids):
         stratum_of.setdefault(patient, strata[index] if strata is not None else "")
+    # Fill each stratum by its own images: a patient shared with another stratum brings its other
+    # images along without eating this stratum's quota.
+    counts = Counter(p for i, p in enumerate(patient_ids) if strata is None or strata[i] == stratum_of[p])
     names = list(fractions)
     assignment: dict[str, str] = {}
     for stratum in sorted(set(stratum_of.values())):
