@@ -53,6 +53,7 @@ from multichex.data.labels import canonical_name
 from multichex.data.sources import READERS, CXRDataset, SampleRef, all_readers, bundled_sample_root, read_source
 from multichex.data.splits import patient_split
 from multichex.data.transforms import AugmentConfig, Letterbox
+from multichex.fileio import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ DELAY_ENV = "MULTICHEX_PREPARE_DELAY"
 PNG_COMPRESS_LEVEL = 1
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
 STRATIFY_RULE = "dataset/gate of the patient's first image by id (gate: positive | negative | unknown)"
-_TMP_SUFFIX = ".tmp"
 
 
 # --------------------------------------------------------------------------- ids and small file helpers
@@ -97,26 +97,6 @@ def relative_path(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it."""
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then ``os.replace``: readers see the old file or the whole new one."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-    _fsync_write(temp, data)
-    os.replace(temp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -143,7 +123,7 @@ def remove_stale_temps(out: Path) -> int:
     removed = 0
     for folder in (out, out / "images", out / "masks"):
         if folder.is_dir():
-            for temp in folder.glob(f".*{_TMP_SUFFIX}"):
+            for temp in folder.glob(f".*{TEMP_SUFFIX}"):
                 temp.unlink(missing_ok=True)
                 removed += 1
     return removed

@@ -7,8 +7,6 @@ file from an untrusted source reads tensors and JSON only. Writes are atomic (te
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from multichex.fileio import atomic_write
 from multichex.models.config import ModelConfig
 from multichex.models.multichexnet import MultiCheXNet
 
 FORMAT = "multichex-checkpoint-v1"
-
-
-def _atomic_write(path: Path, write: callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        with open(temp, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -80,9 +60,9 @@ def save_checkpoint(
         header["optimizer"] = optim_info
         tensors["rng.torch"] = torch.get_rng_state()
     text = json.dumps(header, default=str)
-    _atomic_write(path, lambda temp: save_file(tensors, temp, metadata={"multichex": text}))
+    atomic_write(path, lambda temp: save_file(tensors, temp, metadata={"multichex": text}))
     readable = {k: v for k, v in header.items() if k != "optimizer"}
-    _atomic_write(path.with_suffix(".json"), lambda temp: Path(temp).write_text(json.dumps(readable, indent=2, default=str)))
+    atomic_write(path.with_suffix(".json"), lambda temp: Path(temp).write_text(json.dumps(readable, indent=2, default=str)))
     return path
 
 
