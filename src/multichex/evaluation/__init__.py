@@ -1,1 +1,1 @@
-"""multichex.evaluation."""
+"""Evaluation: metrics, patient-bootstrap confidence intervals, overlays and reports."""

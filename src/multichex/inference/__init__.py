@@ -1,1 +1,1 @@
-"""multichex.inference."""
+"""Inference: gated prediction on image files and the per-image output contract."""

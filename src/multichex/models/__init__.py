@@ -1,1 +1,1 @@
-"""multichex.models."""
+"""Models: CheXEnc encoder registry, task heads and the MultiCheXNet composition."""

@@ -1,1 +1,1 @@
-"""multichex.training."""
+"""Training: run configs (YAML), data splits, the multi-task loop, checkpoints and resume."""
