@@ -15,9 +15,10 @@ def boxes_from_mask(mask: np.ndarray | torch.Tensor, min_area: int = 1) -> torch
     pixel of a component lies inside its box. Components smaller than ``min_area`` are dropped.
     """
     array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    array = np.squeeze(array) > 0.5
-    if array.ndim != 2:
-        raise ValueError(f"mask must be 2-D after squeezing, got shape {array.shape}")
+    array = np.asarray(array)
+    if array.ndim < 2 or any(n != 1 for n in array.shape[:-2]):
+        raise ValueError(f"mask must be 2-D (H×W, optionally with leading 1-sized axes), got shape {array.shape}")
+    array = array.reshape(array.shape[-2:]) > 0.5
     boxes = [
         [region.bbox[1], region.bbox[0], region.bbox[3], region.bbox[2]]
         for region in regionprops(label_components(array, connectivity=2))

@@ -7,6 +7,7 @@ which labels that data set really has. :class:`CXRDataset` turns refs into :clas
 from __future__ import annotations
 
 import csv
+import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -46,11 +47,20 @@ class SampleRef:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Rows of a CSV file; a missing file or column is a ValueError naming the file."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: label file not found")
     with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        rows = list(reader)
+    for number, row in enumerate(rows, start=2):
+        if None in row or any(row.get(c) is None for c in required):
+            raise ValueError(f"{path}: row {number}: wrong number of cells")
+    return rows
 
 
 def _read_boxes(path: Path) -> dict[str, list[tuple[str, tuple[float, float, float, float]]]]:
@@ -58,11 +68,11 @@ def _read_boxes(path: Path) -> dict[str, list[tuple[str, tuple[float, float, flo
     grouped: dict[str, list[tuple[str, tuple[float, float, float, float]]]] = {}
     if not path.exists():
         return grouped
-    for row in _read_csv(path):
+    for number, row in enumerate(_read_csv(path, ("image", "label", "x", "y", "w", "h")), start=2):
         try:
             box = (float(row["x"]), float(row["y"]), float(row["w"]), float(row["h"]))
-        except (KeyError, ValueError) as error:
-            raise ValueError(f"{path}: bad box row {row}: {error}") from error
+        except ValueError as error:
+            raise ValueError(f"{path}: row {number}: bad box {row}: {error}") from error
         grouped.setdefault(row["image"], []).append((canonical_name(row["label"]), box))
     return grouped
 
@@ -82,7 +92,7 @@ def read_nih(root: Path, dataset: str = "nih-cxr14") -> list[SampleRef]:
     """
     boxes = _read_boxes(root / "boxes.csv")
     refs = []
-    for row in _read_csv(root / "labels.csv"):
+    for row in _read_csv(root / "labels.csv", ("image", "patient_id", *NIH_FINDINGS, "No_Finding")):
         findings = {name: _flag(row.get(name)) for name in NIH_FINDINGS}
         findings["No Finding"] = _flag(row.get("No_Finding"))
         findings["COVID-19"] = 0.0
@@ -109,7 +119,7 @@ def read_covid_chestxray(root: Path, dataset: str = "covid-chestxray") -> list[S
     split jointly), else ``split_group`` (the non-commercial folder's grouping), else the collection id.
     """
     refs = []
-    for row in _read_csv(root / "labels.csv"):
+    for row in _read_csv(root / "labels.csv", ("image", "patientid")):
         hannover = (row.get("hannover_patient_id") or "").strip()
         group = (row.get("split_group") or "").strip()
         if hannover:
@@ -147,14 +157,14 @@ def read_hannover(root: Path) -> list[SampleRef]:
             positive=1.0,
             extra={"view": row.get("projection", "")},
         )
-        for row in _read_csv(root / "labels.csv")
+        for row in _read_csv(root / "labels.csv", ("image", "patient_id"))
     ]
 
 
 def read_kermany(root: Path) -> list[SampleRef]:
     """Kermany pediatric set: NORMAL / PNEUMONIA (2018 data, so COVID-19 is a known 0)."""
     refs = []
-    for row in _read_csv(root / "labels.csv"):
+    for row in _read_csv(root / "labels.csv", ("image", "patient_id", "pneumonia")):
         pneumonia = _flag(row.get("pneumonia"))
         refs.append(
             SampleRef(
@@ -218,12 +228,16 @@ def read_source(name: str, root: str | Path | None = None, options: dict[str, An
     folder = Path(root) if root is not None else bundled_sample_root() / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: data folder for source {name!r} not found")
-    if options and name in READERS:
-        raise ValueError(f"source {name!r} takes no reader options, got {sorted(options)}")
-    try:
-        return readers[name](folder, **(options or {}))
-    except TypeError as error:
-        raise ValueError(f"bad reader options for source {name!r}: {error}") from error
+    if options:
+        if name in READERS:
+            raise ValueError(f"source {name!r} takes no reader options, got {sorted(options)}")
+        from multichex.data.native import native_reader
+
+        try:
+            inspect.signature(native_reader(name)).bind(folder, **options)
+        except TypeError as error:
+            raise ValueError(f"bad reader options for source {name!r}: {error}") from error
+    return readers[name](folder, **(options or {}))
 
 
 class CXRDataset(Dataset):

@@ -142,7 +142,7 @@ class Trainer:
         total = losses["total"]
         if not torch.isfinite(total):
             self.skipped_batches += 1
-            log.warning("non-finite loss %s on batch %s; batch skipped", {k: float(v) for k, v in losses.items()}, [m["path"] for m in batch.meta][:3])
+            log.warning("non-finite loss %s on batch %s; batch skipped", {k: float(v.detach()) for k, v in losses.items()}, [m["path"] for m in batch.meta][:3])
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.zero_grad(set_to_none=True)
