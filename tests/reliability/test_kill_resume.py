@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -227,3 +228,26 @@ def test_nan_loss_batch_is_skipped_and_weights_stay_finite(tmp_path, covid_root,
         if value.is_floating_point():
             assert torch.isfinite(value).all(), key
     assert all(math.isfinite(v) for record in history for k, v in record.items() if k.startswith("train_"))
+
+
+def test_nan_loss_can_stop_the_run_instead(tmp_path, covid_root, nih_root, monkeypatch):
+    """With on_nonfinite_loss: stop, the first NaN loss ends training with an error naming the batch."""
+    config = TrainConfig(
+        model=ModelConfig(encoder="lite-small", image_size=64, class_names=list(CLASSES), box_classes=["Mass"],
+                          anchors=[[0.2, 0.2]], cls_hidden=64),
+        sources=[SourceConfig("covid-chestxray", str(covid_root), ["cls", "gate", "seg"])],
+        seed=0, out_dir=str(tmp_path), split={"train": 1.0}, epochs=1, steps_per_epoch=3, batch_size=8,
+        augment=AugmentConfig(enabled=False), threads=1, on_nonfinite_loss="stop",
+    )
+    original = MultiTaskLoss.__call__
+    monkeypatch.setattr(MultiTaskLoss, "__call__", lambda self, *a, **k: {**original(self, *a, **k), "total": torch.tensor(float("inf"))})
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(config, make_datasets(config, split_sources(config)["train"], True), progress=False)
+        with pytest.raises(FloatingPointError, match="non-finite loss"):
+            trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert not (tmp_path / "last.safetensors").exists()
+    with pytest.raises(ValueError, match="on_nonfinite_loss"):
+        TrainConfig(on_nonfinite_loss="ignore")

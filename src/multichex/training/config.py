@@ -54,6 +54,7 @@ class TrainConfig:
     channels_last: bool = True
     deterministic: bool = True
     threads: int | None = None
+    on_nonfinite_loss: str = "skip"  # "skip" the batch (logged, counted) or "stop" the run
     tensorboard: bool = False  # also log to OUT/tensorboard (needs the `tensorboard` package)
 
     def __post_init__(self) -> None:
@@ -62,6 +63,8 @@ class TrainConfig:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
         self.sources = [strict_from_dict(SourceConfig, s) if isinstance(s, dict) else s for s in self.sources]
+        if self.on_nonfinite_loss not in {"skip", "stop"}:
+            raise ValueError(f"on_nonfinite_loss must be 'skip' or 'stop', got {self.on_nonfinite_loss!r}")
         if self.lr_schedule not in {"cosine", "constant"}:
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.schedule not in {"alternating", "joint"}:

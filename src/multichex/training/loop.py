@@ -141,8 +141,12 @@ class Trainer:
             return None
         total = losses["total"]
         if not torch.isfinite(total):
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            paths = [m["path"] for m in batch.meta][:3]
+            if self.config.on_nonfinite_loss == "stop":
+                raise FloatingPointError(f"non-finite loss {values} on batch {paths} (epoch {self.epoch + 1})")
             self.skipped_batches += 1
-            log.warning("non-finite loss %s on batch %s; batch skipped", {k: float(v.detach()) for k, v in losses.items()}, [m["path"] for m in batch.meta][:3])
+            log.warning("non-finite loss %s on batch %s; batch skipped", values, paths)
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.zero_grad(set_to_none=True)
