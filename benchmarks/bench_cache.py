@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader
 
 from multichex.data.cache import PreparedDataset, prepare_cache, read_png_u8
 from multichex.data.record import collate_samples
-from multichex.data.sources import CXRDataset, read_source
+from multichex.data.registry import read_source
+from multichex.data.sources import CXRDataset
 from multichex.data.transforms import AugmentConfig, JointAugment, warp
 from multichex.models.config import ModelConfig
 

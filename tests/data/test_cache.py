@@ -31,7 +31,8 @@ from multichex.data.cache import (
     read_split,
 )
 from multichex.data.cache_cli import data_app, parse_fractions
-from multichex.data.sources import READERS, CXRDataset, SampleRef, read_source
+from multichex.data.registry import read_source
+from multichex.data.sources import READERS, CXRDataset, SampleRef
 from multichex.data.transforms import AugmentConfig
 from multichex.training.data import restrict_tasks
 

@@ -13,6 +13,7 @@ import torch
 from multichex.data.labels import NIH_FINDINGS, canonical_name, relabel
 from multichex.data.record import collate_samples
 from multichex.data.samplers import AlternatingBatches, JointBatches
+from multichex.data.registry import read_source
 from multichex.data.sources import (
     CXRDataset,
     SampleRef,
@@ -20,7 +21,6 @@ from multichex.data.sources import (
     read_covid_chestxray,
     read_hannover,
     read_nih,
-    read_source,
 )
 from multichex.data.splits import patient_split
 from multichex.data.transforms import AugmentConfig

@@ -24,7 +24,8 @@ import torch
 from multichex.data.cache import prepare_cache, read_errors, read_index
 from multichex.data.io import ImageReadError, read_image
 from multichex.data.record import collate_samples
-from multichex.data.sources import CXRDataset, SampleRef, read_source
+from multichex.data.registry import read_source
+from multichex.data.sources import CXRDataset, SampleRef
 from multichex.inference.predictor import Predictor, predict_files
 from multichex.models.config import ModelConfig
 from multichex.models.multichexnet import MultiCheXNet

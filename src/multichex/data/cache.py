@@ -50,7 +50,8 @@ from PIL import Image
 import multichex
 from multichex.data.io import ImageReadError
 from multichex.data.labels import canonical_name
-from multichex.data.sources import READERS, CXRDataset, SampleRef, all_readers, bundled_sample_root, read_source
+from multichex.data.registry import all_readers, read_source
+from multichex.data.sources import READERS, CXRDataset, SampleRef, bundled_sample_root
 from multichex.data.splits import patient_split
 from multichex.data.transforms import AugmentConfig, Letterbox
 from multichex.fileio import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text

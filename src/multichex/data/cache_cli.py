@@ -36,7 +36,7 @@ def parse_fractions(text: str) -> dict[str, float]:
 
 @data_app.command()
 def prepare(
-    source: str = typer.Argument(..., help="Source name (see multichex.data.sources.all_readers(): shared-data layouts and native data sets)."),
+    source: str = typer.Argument(..., help="Source name (see multichex.data.registry.all_readers(): shared-data layouts and native data sets)."),
     root: Path = typer.Argument(..., help="The source's data folder."),
     out: Path = typer.Option(..., "--out", help="Cache folder (created; rerun to resume)."),
     size: int = typer.Option(256, "--size", help="Letterboxed image size in pixels."),

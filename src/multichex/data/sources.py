@@ -7,7 +7,6 @@ which labels that data set really has. :class:`CXRDataset` turns refs into :clas
 from __future__ import annotations
 
 import csv
-import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -211,33 +210,6 @@ READERS: dict[str, Callable[[Path], list[SampleRef]]] = {
 def bundled_sample_root() -> Path:
     """Folder of the small permissively licensed sample shipped inside the package."""
     return Path(str(resources.files("multichex") / "sample_data"))
-
-
-def all_readers() -> dict[str, Callable[[Path], list[SampleRef]]]:
-    """The ``shared/data`` layouts plus every data set's native (as published) layout."""
-    from multichex.data.native import native_readers
-
-    return {**READERS, **native_readers()}
-
-
-def read_source(name: str, root: str | Path | None = None, options: dict[str, Any] | None = None) -> list[SampleRef]:
-    """Read one known folder layout (``options`` go to its reader); ``root=None`` reads the bundled sample copy."""
-    readers = all_readers()
-    if name not in readers:
-        raise ValueError(f"unknown source {name!r}; known: {sorted(readers)}")
-    folder = Path(root) if root is not None else bundled_sample_root() / name
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: data folder for source {name!r} not found")
-    if options:
-        if name in READERS:
-            raise ValueError(f"source {name!r} takes no reader options, got {sorted(options)}")
-        from multichex.data.native import native_reader
-
-        try:
-            inspect.signature(native_reader(name)).bind(folder, **options)
-        except TypeError as error:
-            raise ValueError(f"bad reader options for source {name!r}: {error}") from error
-    return readers[name](folder, **(options or {}))
 
 
 class CXRDataset(Dataset):

@@ -6,7 +6,8 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from multichex.data.sources import CXRDataset, SampleRef, read_source
+from multichex.data.registry import read_source
+from multichex.data.sources import CXRDataset, SampleRef
 from multichex.data.splits import patient_split, save_split
 from multichex.training.config import SourceConfig, TrainConfig
 
