@@ -87,8 +87,14 @@ def summarize(out: Collected, class_names: list[str], box_classes: list[str], bo
             ))
         metrics["classification"] = {"per_class": cls["per_class"], "macro": cls["macro"], "macro_auroc": interval, "n_images": len(probs)}
         gate_probs, gate_labels = torch.tensor(out.gate_probs), torch.tensor(out.gate_labels)
-        gate = classification_metrics(gate_probs[:, None], gate_labels[:, None], ["positive"])["per_class"]["positive"]
-        metrics["gate"] = {"auroc": {"value": gate["auroc"]}, "accuracy": gate["accuracy"], "f1": gate["f1"], "n_known": gate["n_known"]}
+        def gate_metrics(idx: np.ndarray) -> dict[str, Any]:
+            return classification_metrics(gate_probs[idx, None], gate_labels[idx, None], ["positive"])["per_class"]["positive"]
+
+        gate = gate_metrics(np.arange(len(gate_probs)))
+        gate_interval: dict[str, Any] = {"value": gate["auroc"]}
+        if bootstrap and gate["auroc"] is not None:
+            gate_interval = _interval(bootstrap_statistic(out.patients, lambda idx: gate_metrics(idx)["auroc"], n_resamples=bootstrap, seed=seed))
+        metrics["gate"] = {"auroc": gate_interval, "accuracy": gate["accuracy"], "f1": gate["f1"], "n_known": gate["n_known"]}
     if out.dice:
         values = np.asarray(out.dice, dtype=float)
         dice = _interval(bootstrap_ci(values, out.dice_patients, n_resamples=bootstrap, seed=seed)) if bootstrap else {"value": float(values.mean())}
