@@ -20,10 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-NIH_FINDINGS = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)
+from multichex.data.labels import NIH_FINDINGS
+
 COVID_COLUMNS = [
     "image", "patientid", "hannover_patient_id", "finding", "covid19", "view", "license",
     "has_lung_mask", "width", "height",

@@ -31,12 +31,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from multichex.data.labels import NIH_FINDINGS
+
 __all__ = ["Case", "make_corpus", "good_image", "load_dicom_factory"]
 
-NIH_FINDINGS = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)
 COVID_COLUMNS = [
     "image", "patientid", "hannover_patient_id", "finding", "covid19", "view", "license",
     "has_lung_mask", "width", "height",
