@@ -744,13 +744,9 @@ class PreparedDataset(CXRDataset):
         item, ref = self.items[index], self.refs[index]
         image = read_png_u8(item.image, self.image_size)
         mask = (read_png_u8(item.mask, self.image_size) > 127).to(torch.uint8) if item.mask is not None else None
-        boxes = labels = None
+        boxes = names = None
         if item.boxes is not None:
             names = [canonical_name(n) for n in item.box_names or []]
-            keep = [i for i, n in enumerate(names) if n in self.box_classes]
-            raw = torch.tensor(item.boxes, dtype=torch.float32).reshape(-1, 4)
-            boxes = raw[keep] if keep else torch.zeros(0, 4)
-            labels = torch.tensor([self.box_classes.index(names[i]) for i in keep], dtype=torch.long)
-        elif mask is not None and ref.mask_box_label is not None:
-            boxes, labels = self._mask_boxes(mask, ref)
+            boxes = torch.tensor(item.boxes, dtype=torch.float32).reshape(-1, 4)
+        boxes, labels = self._box_targets(boxes, names, mask, ref)
         return image, mask, boxes, labels, item.letterbox, item.original_size

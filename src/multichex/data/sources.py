@@ -256,7 +256,7 @@ class CXRDataset(Dataset):
         mask_array = read_mask(ref, height, width)
         if mask_array is not None:
             mask = (box.apply_image(torch.from_numpy(mask_array).float()[None]) > 0.5).to(torch.uint8)
-        boxes = labels = None
+        boxes = names = None
         if ref.boxes_xywh is not None:
             raw = xywh_to_xyxy(torch.tensor(ref.boxes_xywh, dtype=torch.float32).reshape(-1, 4))
             names = [canonical_name(n) for n in (ref.box_names or [])]
@@ -264,12 +264,22 @@ class CXRDataset(Dataset):
                 raise ValueError(f"{ref.image_path}: {len(raw)} boxes but {len(names)} box labels")
             raw, inside = validate_boxes(raw, height, width, str(ref.image_path))
             names = [n for n, kept in zip(names, inside.tolist()) if kept]
-            keep = [i for i, n in enumerate(names) if n in self.box_classes]
-            boxes = box.apply_boxes(raw[keep]) if keep else torch.zeros(0, 4)
-            labels = torch.tensor([self.box_classes.index(names[i]) for i in keep], dtype=torch.long)
-        elif mask is not None and ref.mask_box_label is not None:
-            boxes, labels = self._mask_boxes(mask, ref)
+            boxes = box.apply_boxes(raw)
+        boxes, labels = self._box_targets(boxes, names, mask, ref)
         return (image * 255).round().to(torch.uint8), mask, boxes, labels, box, (height, width)
+
+    def _box_targets(
+        self, boxes: torch.Tensor | None, names: list[str] | None, mask: torch.Tensor | None, ref: SampleRef
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Boxes (letterbox pixels, canonical ``names``) kept to this data set's box classes with their
+        label indices; without annotated boxes, boxes fitted to the mask when the ref asks for them."""
+        if boxes is not None:
+            keep = [i for i, n in enumerate(names or []) if n in self.box_classes]
+            labels = torch.tensor([self.box_classes.index(names[i]) for i in keep], dtype=torch.long)
+            return (boxes[keep] if keep else torch.zeros(0, 4)), labels
+        if mask is not None and ref.mask_box_label is not None:
+            return self._mask_boxes(mask, ref)
+        return None, None
 
     def _mask_boxes(self, mask: torch.Tensor, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor]:
         """Detection targets fitted to the mask's connected components (joint training, eq. 8)."""
