@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -97,8 +98,7 @@ def demo(
         overrides["steps_per_epoch"] = steps_per_epoch
     config = load_config(Path(str(resources.files("multichex") / "configs" / "demo.yaml")), overrides)
     if image_size is not None:
-        config.model.image_size = image_size
-        config.model.__post_init__()
+        config.model = replace(config.model, image_size=image_size)  # re-validates the model config
     console.print(f"[bold]multichex demo[/bold] — {CLINICAL_DISCLAIMER}")
     best, metrics = run_training(config, progress=progress)
     split = json.loads((out / "split.json").read_text())["parts"]
