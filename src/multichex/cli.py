@@ -39,6 +39,8 @@ def _print_metrics(metrics: dict) -> None:
     rows = [
         ("segmentation", "Dice", metrics.get("segmentation", {}).get("dice"), metrics.get("segmentation", {}).get("n_images")),
         ("classification", "macro AUROC", metrics.get("classification", {}).get("macro_auroc"), metrics.get("classification", {}).get("n_images")),
+        ("classification", "macro accuracy", metrics.get("classification", {}).get("macro_accuracy"), metrics.get("classification", {}).get("n_images")),
+        ("classification", "macro F1", metrics.get("classification", {}).get("macro_f1"), metrics.get("classification", {}).get("n_images")),
         ("detection", "mAP@0.5", metrics.get("detection", {}).get("map"), metrics.get("detection", {}).get("n_images")),
         ("gate", "AUROC", metrics.get("gate", {}).get("auroc"), metrics.get("gate", {}).get("n_known")),
     ]
@@ -117,14 +119,20 @@ def demo(
 
 @app.command()
 def train(
-    config_path: Path = typer.Argument(..., metavar="CONFIG.yaml", exists=True, dir_okay=False, help="Run config (YAML)."),
+    config_path: Path = typer.Argument(..., metavar="CONFIG.yaml", exists=True, dir_okay=False, help="Run config or protocol (YAML with `phases:`)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (overrides out_dir)."),
     seed: Optional[int] = typer.Option(None, help="Seed (overrides the config)."),
-    resume: bool = typer.Option(False, help="Continue from OUT/last.safetensors."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run (a protocol skips its finished phases)."),
+    smoke: bool = typer.Option(False, help="Protocols: run every phase at toy size (64 px, 2 steps, 12 images per source) to check the file."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Train from a YAML config; writes checkpoints, log.csv, split.json, config.json and test metrics."""
+    """Train from a YAML config; writes checkpoints, log.csv, split.json, config.json and test metrics.
+
+    A config with a `phases:` list is a staged protocol (e.g. configs/multichexnet.yaml): each phase
+    trains the modules it names on its sources, starting from the previous phase's best weights.
+    """
     from multichex.training.config import load_config
+    from multichex.training.protocol import ProtocolRunner, is_protocol, load_protocol, smoke_overrides
 
     _setup_logging()
     overrides = {}
@@ -132,6 +140,19 @@ def train(
         overrides["out_dir"] = str(out)
     if seed is not None:
         overrides["seed"] = seed
+    if is_protocol(config_path):
+        protocol = load_protocol(config_path, overrides)
+        if smoke:
+            protocol = smoke_overrides(protocol)
+        started = time.monotonic()
+        metrics = ProtocolRunner(protocol, progress=progress, bootstrap=200 if smoke else 1000).run(resume=resume)
+        for phase, phase_metrics in metrics.items():
+            console.print(f"[bold]{phase}[/bold] (held-out: {', '.join(phase_metrics.get('sources', []))})")
+            _print_metrics(phase_metrics)
+        console.print(f"final checkpoint: {Path(protocol.base.out_dir) / 'final.safetensors'} ({time.monotonic() - started:.0f} s)")
+        return
+    if smoke:
+        raise typer.BadParameter("--smoke applies to protocols (configs with `phases:`)")
     config = load_config(config_path, overrides)
     best, metrics = run_training(config, resume=resume, progress=progress)
     _print_metrics(metrics)
@@ -181,6 +202,55 @@ def evaluate(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_markdown_report(out / "report.md", metrics, [], f"multichex evaluate: {checkpoint.name}")
     _print_metrics(metrics)
+
+
+@app.command()
+def transfer(
+    data: list[str] = typer.Argument(..., metavar="SOURCE[=ROOT]...", help="Target data sources (split by patient into train/val/test)."),
+    from_checkpoint: str = typer.Option(..., "--from", help="Checkpoint to transfer from, or 'scratch' for the random-initialisation baseline."),
+    classes: str = typer.Option(..., help="Comma-separated new class names, e.g. COVID-19."),
+    shots: str = typer.Option("all", help="Labelled images per class, e.g. 5,10,20,all (a few-shot curve)."),
+    fine_tune: bool = typer.Option(False, "--fine-tune/--freeze", help="Also train the encoder and θ_feats (default: frozen)."),
+    out: Path = typer.Option(Path("runs/transfer"), help="Output folder."),
+    seed: int = typer.Option(0, help="Seed (split, few-shot draw, θ_dec initialisation)."),
+    epochs: int = typer.Option(10, help="Epochs per run."),
+    steps_per_epoch: int = typer.Option(10, help="Steps per epoch."),
+    batch_size: int = typer.Option(16, help="Batch size."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    encoder: str = typer.Option("lite", help="Encoder for --from scratch."),
+    image_size: int = typer.Option(256, help="Image size for --from scratch (a checkpoint brings its own)."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples (patients) for 95% CIs."),
+    progress: bool = typer.Option(False, help="Show progress bars."),
+) -> None:
+    """Transfer the classifier to new classes (§3.9): keep θ_enc and θ_feats, train a fresh θ_dec; few-shot curve."""
+    from multichex.models.config import ModelConfig
+    from multichex.training.checkpoint import read_checkpoint
+    from multichex.training.config import TrainConfig
+    from multichex.training.transfer import parse_shots, run_transfer
+
+    _setup_logging()
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    try:
+        shot_list = parse_shots(shots)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    checkpoint = None if from_checkpoint == "scratch" else Path(from_checkpoint)
+    if checkpoint is None:
+        model = ModelConfig(encoder=encoder, image_size=image_size, class_names=names)
+    else:
+        if not checkpoint.is_file():
+            raise typer.BadParameter(f"{checkpoint}: no such checkpoint")
+        header, _ = read_checkpoint(checkpoint)
+        model = replace(ModelConfig.from_dict(header["model"]), class_names=names)
+    config = TrainConfig(
+        model=model, sources=[_parse_source(s) for s in data], seed=seed, out_dir=str(out),
+        split={"train": 0.6, "val": 0.2, "test": 0.2}, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size, lr=lr, warmup_steps=5, augment={"enabled": True, "hflip_p": 0.0, "rotate_deg": 7.0, "translate": 0.05},
+    )
+    results = run_transfer(config, checkpoint, shot_list, fine_tune=fine_tune, bootstrap=bootstrap, progress=progress)
+    console.print((out / "transfer.md").read_text())
+    if not results:
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -135,3 +135,26 @@ def test_confidence_changes_width(data: tuple[np.ndarray, np.ndarray]) -> None:
     wide = bootstrap_ci(values, groups, confidence=0.99)
     narrow = bootstrap_ci(values, groups, confidence=0.5)
     assert wide["high"] - wide["low"] > narrow["high"] - narrow["low"]
+
+
+def test_interval_covers_the_estimate_and_narrows_with_more_patients() -> None:
+    rng = np.random.default_rng(0)
+    widths = []
+    for n_patients in (10, 40, 160):
+        groups = np.repeat(np.arange(n_patients), 2)
+        values = rng.normal(0.8, 0.1, size=len(groups))
+        result = bootstrap_ci(values, groups, n_resamples=500, seed=1)
+        assert result["low"] <= result["value"] <= result["high"]
+        widths.append(result["high"] - result["low"])
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_several_statistics_share_one_resampling() -> None:
+    from multichex.evaluation.bootstrap import bootstrap_statistics
+
+    values = np.arange(20, dtype=float)
+    groups = np.repeat(np.arange(10), 2)
+    both = bootstrap_statistics(groups, lambda idx: {"mean": values[idx].mean(), "max": values[idx].max()}, n_resamples=200, seed=3)
+    single = bootstrap_statistic(groups, lambda idx: values[idx].mean(), n_resamples=200, seed=3)
+    assert both["mean"] == single
+    assert both["max"]["value"] == 19.0 and both["max"]["high"] == 19.0

@@ -83,6 +83,21 @@ class CXRBatch:
         """B×C bool: which class labels are known."""
         return ~torch.isnan(self.labels)
 
+    def select(self, keep: torch.Tensor) -> "CXRBatch":
+        """The sub-batch of the rows where ``keep`` (B bool) is true."""
+        rows = torch.nonzero(keep).flatten().tolist()
+        return CXRBatch(
+            images=self.images[rows],
+            labels=self.labels[rows],
+            positive=self.positive[rows],
+            masks=self.masks[rows],
+            has_mask=self.has_mask[rows],
+            boxes=[self.boxes[i] for i in rows],
+            box_labels=[self.box_labels[i] for i in rows],
+            has_boxes=self.has_boxes[rows],
+            meta=[self.meta[i] for i in rows],
+        )
+
     def to(self, device: torch.device | str) -> "CXRBatch":
         return CXRBatch(
             images=self.images.to(device),

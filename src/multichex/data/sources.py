@@ -24,7 +24,7 @@ from multichex.data.io import ImageReadError, read_image
 from multichex.data.labels import NIH_FINDINGS, canonical_name, relabel
 from multichex.data.record import CXRSample
 from multichex.data.rle import merge_rle
-from multichex.data.transforms import AugmentConfig, JointAugment, Letterbox, normalize_intensity
+from multichex.data.transforms import AugmentConfig, JointAugment, Letterbox, degrade_resolution, normalize_intensity
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class SampleRef:
     boxes_xywh: list[tuple[float, float, float, float]] | None = None
     box_names: list[str] | None = None
     mask_box_label: str | None = None
+    resample_to: int | None = None  # degrade the image to this longest side before use (see SourceConfig)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -251,7 +252,10 @@ class CXRDataset(Dataset):
         loaded = read_image(ref.image_path)
         height, width = loaded.array.shape
         box = Letterbox.fit(height, width, self.image_size)
-        image = box.apply_image(torch.from_numpy(normalize_intensity(loaded.array))[None])
+        array = normalize_intensity(loaded.array)
+        if ref.resample_to:
+            array = degrade_resolution(array, ref.resample_to)
+        image = box.apply_image(torch.from_numpy(array)[None])
         mask = None
         mask_array = read_mask(ref, height, width)
         if mask_array is not None:

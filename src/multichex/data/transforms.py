@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import skimage.transform
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +24,20 @@ def normalize_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float
     if high - low < 1e-6:
         return np.zeros_like(array)
     return np.clip((array - low) / (high - low), 0.0, 1.0)
+
+
+def degrade_resolution(array: np.ndarray, longest_side: int) -> np.ndarray:
+    """Down-sample to ``longest_side`` (anti-aliased) and back to the original size.
+
+    Pooling a 64-px folder with a 512-px one would let a model learn the folder from the blur alone;
+    passing both through the same bottleneck removes that cue. Coordinates are unchanged.
+    """
+    height, width = array.shape
+    scale = longest_side / max(height, width)
+    if scale >= 1.0:
+        return array
+    small = skimage.transform.resize(array, (max(1, round(height * scale)), max(1, round(width * scale))), anti_aliasing=True)
+    return skimage.transform.resize(small, (height, width), order=1).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "bootstrap_statistic"]
+__all__ = ["bootstrap_ci", "bootstrap_statistic", "bootstrap_statistics"]
 
 
 def _group_index(groups: Sequence[Any] | np.ndarray, n_items: int) -> tuple[np.ndarray, int]:
@@ -145,17 +145,31 @@ def bootstrap_statistic(
     Returns:
         Same dictionary as :func:`bootstrap_ci`.
     """
+    return bootstrap_statistics(groups, lambda idx: {"value": compute(idx)}, n_resamples, confidence, seed)["value"]
+
+
+def bootstrap_statistics(
+    groups: list[str] | np.ndarray,
+    compute: Callable[[np.ndarray], dict[str, float | None]],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Like :func:`bootstrap_statistic` for several statistics from one ``compute`` call per resample
+    (e.g. accuracy, F1 and AUROC share the resampled predictions): name → interval dictionary."""
     _check(n_resamples, confidence)
     n_items = len(groups)
     item_group, n_groups = _group_index(groups, n_items)
     all_items = np.arange(n_items)
-    value = compute(all_items) if n_items else None
+    values = compute(all_items) if n_items else {}
     if n_groups == 0:
-        return _summarise(value, np.array([]), 0, n_resamples, confidence)
+        return {name: _summarise(value, np.array([]), 0, n_resamples, confidence) for name, value in values.items()}
 
     counts = _draw_counts(n_groups, n_resamples, seed)
-    stats = np.empty(n_resamples)
+    stats = {name: np.empty(n_resamples) for name in values}
     for r in range(n_resamples):
         out = compute(np.repeat(all_items, counts[r, item_group]))
-        stats[r] = np.nan if out is None else float(out)
-    return _summarise(value, stats, n_groups, n_resamples, confidence)
+        for name in stats:
+            value = out.get(name)
+            stats[name][r] = np.nan if value is None else float(value)
+    return {name: _summarise(values[name], stats[name], n_groups, n_resamples, confidence) for name in values}

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from multichex.data.record import collate_samples
 from multichex.data.sources import CXRDataset
-from multichex.evaluation.bootstrap import bootstrap_ci, bootstrap_statistic
+from multichex.evaluation.bootstrap import bootstrap_ci, bootstrap_statistic, bootstrap_statistics
 from multichex.evaluation.metrics import classification_metrics, detection_map, dice_per_image
 from multichex.models.multichexnet import MultiCheXNet
 
@@ -27,7 +27,18 @@ class Collected:
     gate_labels: list[float] = field(default_factory=list)
     dice: list[float] = field(default_factory=list)
     dice_patients: list[str] = field(default_factory=list)
-    det: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("boxes", "scores", "labels", "gt_boxes", "gt_labels", "patients")})
+    det: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("boxes", "scores", "labels", "gt_boxes", "gt_labels", "patients", "gate_passed")})
+
+    @classmethod
+    def merge(cls, parts: list["Collected"]) -> "Collected":
+        """One collection holding the images of every part (e.g. per-source collections)."""
+        merged = cls()
+        for part in parts:
+            for name in ("patients", "probs", "labels", "gate_probs", "gate_labels", "dice", "dice_patients"):
+                getattr(merged, name).extend(getattr(part, name))
+            for key, values in part.det.items():
+                merged.det[key].extend(values)
+        return merged
 
 
 @torch.inference_mode()
@@ -47,7 +58,8 @@ def collect(model: MultiCheXNet, datasets: dict[str, CXRDataset], batch_size: in
             out.patients += patients
             out.probs.append(torch.sigmoid(outputs["cls"]))
             out.labels.append(batch.labels)
-            out.gate_probs += model.gate_probability(outputs).tolist()
+            gate_probs = model.gate_probability(outputs)
+            out.gate_probs += gate_probs.tolist()
             out.gate_labels += batch.positive.tolist()
             if "seg" in outputs:
                 has = batch.has_mask
@@ -64,6 +76,7 @@ def collect(model: MultiCheXNet, datasets: dict[str, CXRDataset], batch_size: in
                     out.det["gt_boxes"].append(batch.boxes[slot])
                     out.det["gt_labels"].append(batch.box_labels[slot])
                     out.det["patients"].append(patients[slot])
+                    out.det["gate_passed"].append(bool(gate_probs[slot] >= model.config.gate.threshold))
     model.train(was_training)
     return out
 
@@ -78,14 +91,15 @@ def summarize(out: Collected, class_names: list[str], box_classes: list[str], bo
     if out.probs:
         probs, labels = torch.cat(out.probs), torch.cat(out.labels)
         cls = classification_metrics(probs, labels, class_names)
-        macro = cls["macro"]["auroc"]
-        interval: dict[str, Any] = {"value": macro}
-        if bootstrap and macro is not None:
-            interval = _interval(bootstrap_statistic(
-                out.patients, lambda idx: classification_metrics(probs[idx], labels[idx], class_names)["macro"]["auroc"],
-                n_resamples=bootstrap, seed=seed,
-            ))
-        metrics["classification"] = {"per_class": cls["per_class"], "macro": cls["macro"], "macro_auroc": interval, "n_images": len(probs)}
+        intervals = {f"macro_{k}": {"value": v} for k, v in cls["macro"].items()}
+        if bootstrap and any(v is not None for v in cls["macro"].values()):
+            intervals = {
+                f"macro_{k}": _interval(v) for k, v in bootstrap_statistics(
+                    out.patients, lambda idx: classification_metrics(probs[idx], labels[idx], class_names)["macro"],
+                    n_resamples=bootstrap, seed=seed,
+                ).items()
+            }
+        metrics["classification"] = {"per_class": cls["per_class"], "macro": cls["macro"], **intervals, "n_images": len(probs)}
         gate_probs, gate_labels = torch.tensor(out.gate_probs), torch.tensor(out.gate_labels)
         def gate_metrics(idx: np.ndarray) -> dict[str, Any]:
             return classification_metrics(gate_probs[idx, None], gate_labels[idx, None], ["positive"])["per_class"]["positive"]
@@ -100,24 +114,46 @@ def summarize(out: Collected, class_names: list[str], box_classes: list[str], bo
         dice = _interval(bootstrap_ci(values, out.dice_patients, n_resamples=bootstrap, seed=seed)) if bootstrap else {"value": float(values.mean())}
         metrics["segmentation"] = {"dice": dice, "n_images": len(values), "n_patients": len(set(out.dice_patients))}
     if out.det["gt_boxes"]:
-        det = out.det
-
-        def compute(idx: np.ndarray) -> float | None:
-            pick = lambda key: [det[key][i] for i in idx]  # noqa: E731
-            return detection_map(pick("boxes"), pick("scores"), pick("labels"), pick("gt_boxes"), pick("gt_labels"), box_classes)["map"]
-
-        full = detection_map(det["boxes"], det["scores"], det["labels"], det["gt_boxes"], det["gt_labels"], box_classes)
-        interval = {"value": full["map"]}
-        if bootstrap and full["map"] is not None:
-            interval = _interval(bootstrap_statistic(det["patients"], compute, n_resamples=min(bootstrap, 200), seed=seed))
-        metrics["detection"] = {
-            "per_class": full["per_class"], "map": interval, "iou_threshold": 0.5,
-            "n_gt": full["n_gt"], "n_images": len(det["gt_boxes"]),
-        }
+        metrics["detection"] = _detection_summary(out.det, box_classes, bootstrap, seed)
     return metrics
 
 
-def evaluate_datasets(model: MultiCheXNet, datasets: dict[str, CXRDataset], bootstrap: int = 1000, seed: int = 0, batch_size: int = 16) -> dict[str, Any]:
-    """Collect and summarise in one call."""
-    out = collect(model, datasets, batch_size)
-    return summarize(out, model.config.class_names, model.config.box_classes, bootstrap, seed)
+def _detection_summary(det: dict[str, list], box_classes: list[str], bootstrap: int, seed: int) -> dict[str, Any]:
+    """mAP@0.5 of the ungated detector (head quality) and of the gated pipeline, where images the gate
+    rejects keep no boxes (what a user gets; the gate's misses and false passes both count)."""
+    empty = torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    gated = {
+        "boxes": [b if passed else empty[0] for b, passed in zip(det["boxes"], det["gate_passed"])],
+        "scores": [s if passed else empty[1] for s, passed in zip(det["scores"], det["gate_passed"])],
+        "labels": [lab if passed else empty[2] for lab, passed in zip(det["labels"], det["gate_passed"])],
+    }
+
+    def compute(source: dict[str, list], idx: np.ndarray) -> float | None:
+        pick = lambda data, key: [data[key][i] for i in idx]  # noqa: E731
+        return detection_map(pick(source, "boxes"), pick(source, "scores"), pick(source, "labels"),
+                             pick(det, "gt_boxes"), pick(det, "gt_labels"), box_classes)["map"]
+
+    full = detection_map(det["boxes"], det["scores"], det["labels"], det["gt_boxes"], det["gt_labels"], box_classes)
+    everything = np.arange(len(det["gt_boxes"]))
+    intervals = {"map": {"value": full["map"]}, "map_gated": {"value": compute(gated, everything)}}
+    if bootstrap and full["map"] is not None:
+        both = bootstrap_statistics(det["patients"], lambda idx: {"map": compute(det, idx), "map_gated": compute(gated, idx)},
+                                    n_resamples=min(bootstrap, 200), seed=seed)
+        intervals = {key: _interval(value) for key, value in both.items()}
+    return {
+        "per_class": full["per_class"], **intervals, "iou_threshold": 0.5, "n_gt": full["n_gt"], "n_images": len(det["gt_boxes"]),
+        "n_gate_passed": int(sum(det["gate_passed"])),
+    }
+
+
+def evaluate_datasets(
+    model: MultiCheXNet, datasets: dict[str, CXRDataset], bootstrap: int = 1000, seed: int = 0, batch_size: int = 16, per_source: bool = False
+) -> dict[str, Any]:
+    """Collect and summarise in one call; with ``per_source``, also each data set alone under ``"per_source"``."""
+    names = model.config.class_names, model.config.box_classes
+    if not per_source:
+        return summarize(collect(model, datasets, batch_size), *names, bootstrap, seed)
+    parts = {key: collect(model, {key: dataset}, batch_size) for key, dataset in datasets.items()}
+    metrics = summarize(Collected.merge(list(parts.values())), *names, bootstrap, seed)
+    metrics["per_source"] = {key: summarize(part, *names, bootstrap, seed) for key, part in parts.items()}
+    return metrics

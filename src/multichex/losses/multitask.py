@@ -29,16 +29,22 @@ class MultiTaskLoss:
         }
         return [task for task in ("cls", "gate", "seg", "det") if present[task] and task in trainable]
 
-    def __call__(self, outputs: dict[str, torch.Tensor], batch: CXRBatch) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, outputs: dict[str, torch.Tensor], batch: CXRBatch, head_batches: dict[str, CXRBatch] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``head_batches`` gives the targets of a head that ran on a sub-batch (teacher forcing)."""
+        head_batches = head_batches or {}
+        seg_batch = head_batches.get("seg", batch)
+        det_batch = head_batches.get("det", batch)
         terms: dict[str, torch.Tensor | None] = {}
         if "cls" in outputs:
             terms["cls"] = masked_bce_with_logits(outputs["cls"], batch.labels)
         if "gate" in outputs:
             terms["gate"] = masked_bce_with_logits(outputs["gate"], batch.positive)
         if "seg" in outputs:
-            terms["seg"] = segmentation_loss(outputs["seg"], batch.masks, batch.has_mask, self.dice_weight)
+            terms["seg"] = segmentation_loss(outputs["seg"], seg_batch.masks, seg_batch.has_mask, self.dice_weight)
         if "det" in outputs:
-            terms["det"] = self.detection(outputs["det"], batch.boxes, batch.box_labels, batch.has_boxes)
+            terms["det"] = self.detection(outputs["det"], det_batch.boxes, det_batch.box_labels, det_batch.has_boxes)
         losses = {name: value for name, value in terms.items() if value is not None}
         if losses:
             losses["total"] = sum(self.weights[name] * value for name, value in losses.items())

@@ -63,6 +63,10 @@ class MultiCheXNet(nn.Module):
     def forward(self, images: torch.Tensor, tasks: Iterable[str] = TASKS) -> dict[str, torch.Tensor]:
         return self.run_heads(self.encode(images), tasks, images.shape[-2:])
 
+    def gate_tasks(self) -> list[str]:
+        """The heads whose outputs :meth:`gate_probability` needs."""
+        return ["gate"] if self.config.gate.source == "module" else ["cls"]
+
     def gate_probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Gate probability from the gate module or from the classifier's chosen classes."""
         gate = self.config.gate
@@ -85,7 +89,7 @@ class MultiCheXNet(nn.Module):
         """
         size = images.shape[-2:]
         features = self.encode(images)
-        first = self.run_heads(features, ["cls"] + (["gate"] if self.config.gate.source == "module" else []), size)
+        first = self.run_heads(features, ["cls"] + [t for t in self.gate_tasks() if t != "cls"], size)
         gate_probs = self.gate_probability(first)
         positive = gate_probs >= self.config.gate.threshold if use_gate else torch.ones_like(gate_probs, dtype=torch.bool)
         batch = images.shape[0]

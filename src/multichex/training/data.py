@@ -25,10 +25,15 @@ def restrict_tasks(ref: SampleRef, tasks: list[str]) -> SampleRef:
 
 
 def load_refs(source: SourceConfig) -> list[SampleRef]:
-    """Read a source, hide the labels of tasks it should not train, optionally fit boxes to its masks."""
+    """Read a source, hide the labels of tasks it should not train, and apply its options: boxes fitted
+    to masks, gate-negatives as box-negatives, resolution bottleneck, image limit."""
     refs = [restrict_tasks(r, source.tasks) for r in read_source(source.name, source.root, source.options)]
     if source.boxes_from_masks:
         refs = [replace(r, mask_box_label=source.boxes_from_masks) for r in refs]
+    if source.empty_boxes_for_negatives and "det" in source.tasks:
+        refs = [replace(r, boxes_xywh=[], box_names=[]) if r.positive == 0 and r.boxes_xywh is None else r for r in refs]
+    if source.resample_to:
+        refs = [replace(r, resample_to=source.resample_to) for r in refs]
     return refs[: source.limit] if source.limit else refs
 
 
@@ -37,7 +42,7 @@ def split_sources(config: TrainConfig, out_dir: Path | None = None) -> dict[str,
 
     Prepared caches are not listed here: they carry their own split (see :func:`build_datasets`).
     """
-    per_source = {s.name: load_refs(s) for s in config.sources if not s.prepared}
+    per_source = {s.key: load_refs(s) for s in config.sources if not s.prepared}
     flat = [(name, ref) for name, refs in per_source.items() for ref in refs]
     parts = patient_split([ref.patient_id for _, ref in flat], config.split, seed=config.seed, strata=[name for name, _ in flat])
     result: dict[str, dict[str, list[SampleRef]]] = {part: {name: [] for name in per_source} for part in parts}
@@ -58,6 +63,8 @@ def prepared_datasets(config: TrainConfig, source: SourceConfig, whole: bool = F
     """One :class:`PreparedDataset` per part of the cache's own ``split.json`` (or one ``"all"`` part)."""
     from multichex.data.cache import PreparedDataset, read_split
 
+    if source.resample_to or source.empty_boxes_for_negatives:
+        raise ValueError(f"source {source.key}: resample_to / empty_boxes_for_negatives apply to raw folders, not prepared caches")
     model = config.model
     parts = [None] if whole else list(read_split(Path(source.prepared)).get("parts", {}))
     return {
@@ -78,7 +85,7 @@ def build_datasets(config: TrainConfig, out_dir: Path | None = None, whole_cache
         if source.prepared:
             for part, dataset in prepared_datasets(config, source, whole_caches).items():
                 if len(dataset):
-                    parts.setdefault(part, {})[source.name] = dataset
+                    parts.setdefault(part, {})[source.key] = dataset
     return parts
 
 

@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,14 @@ from tqdm.auto import tqdm
 
 from multichex.data.sources import CXRDataset
 from multichex.data.samplers import AlternatingBatches, JointBatches
-from multichex.evaluation.evaluate import evaluate_datasets
+from multichex.evaluation.evaluate import collect, evaluate_datasets
+from multichex.evaluation.thresholds import choose_threshold
 from multichex.losses.multitask import MultiTaskLoss
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.checkpoint import read_checkpoint, restore_training_state, save_checkpoint, load_weights
-from multichex.training.config import TrainConfig
+from multichex.models.config import TASKS
+from multichex.training.config import MODULES, TrainConfig
+from multichex.training.teacher_forcing import ForcingCounts, select_for_head
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +39,29 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def score_of(metrics: dict[str, Any]) -> float | None:
-    """One number to pick the best epoch: mean of the available primary metrics (Dice, macro AUROC, mAP)."""
-    values = [
-        metrics.get("segmentation", {}).get("dice", {}).get("value"),
-        metrics.get("classification", {}).get("macro_auroc", {}).get("value"),
-        metrics.get("detection", {}).get("map", {}).get("value"),
-    ]
+PRIMARY_METRICS = {
+    "seg": ("segmentation", "dice"),
+    "cls": ("classification", "macro_auroc"),
+    "det": ("detection", "map"),
+    "gate": ("gate", "auroc"),
+}
+
+
+def score_of(metrics: dict[str, Any], tasks: set[str] | None = None) -> float | None:
+    """One number to pick the best epoch: mean of the available primary metrics (Dice, macro AUROC, mAP)
+    of the trained ``tasks`` (default: segmentation, classification and detection)."""
+    tasks = tasks if tasks is not None else {"seg", "cls", "det"}
+    values = [metrics.get(group, {}).get(key, {}).get("value") for task, (group, key) in PRIMARY_METRICS.items() if task in tasks]
     values = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(values)) if values else None
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 class Trainer:
@@ -71,9 +89,14 @@ class Trainer:
         self.progress = progress
         self._freeze()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        if not params:
+            raise ValueError(f"nothing to train: trainable={config.trainable}")
+        self.trained_tasks = {t for t in TASKS if any(p.requires_grad for p in getattr(self.model, t).parameters())}
+        self.optimizer = make_optimizer(config, params)
         self.loss = MultiTaskLoss(self.model, config.loss_weights, config.dice_weight, config.giou_weight)
-        schedule = AlternatingBatches if config.schedule == "alternating" else JointBatches
+        if config.schedule == "single" and len(train_sets) != 1:
+            raise ValueError(f"schedule 'single' takes one data set, got {sorted(train_sets)}")
+        schedule = JointBatches if config.schedule == "joint" else AlternatingBatches
         self.batches = schedule(train_sets, config.batch_size, config.seed, config.num_workers)
         self.steps_per_epoch = config.steps_per_epoch or self.batches.default_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -82,6 +105,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.skipped_batches = 0
         self.writer = _tensorboard_writer(self.out_dir) if config.tensorboard else None
+        self.forcing = ForcingCounts()
 
     def _lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at a global step: linear warm-up, then cosine decay to 1% (or constant)."""
@@ -95,17 +119,27 @@ class Trainer:
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _freeze(self) -> None:
-        trainable = set(self.config.trainable)
-        for name in ("encoder", "cls", "seg", "det", "gate"):
-            for parameter in getattr(self.model, name).parameters():
-                parameter.requires_grad = name in trainable
+        """Only the listed modules (``encoder``) or sub-modules (``cls.dec``) get gradients."""
+        self.model.requires_grad_(False)
+        for name in self.config.trainable:
+            try:
+                self.model.get_submodule(name).requires_grad_(True)
+            except AttributeError as error:
+                raise ValueError(f"trainable: the model has no module {name!r}") from error
 
     def _train_mode(self) -> None:
-        """Trainable modules train; frozen ones stay in eval mode (BatchNorm statistics untouched)."""
+        """Modules that train are in train mode; wholly frozen ones stay in eval mode (BatchNorm statistics
+        and dropout untouched), down to the sub-modules of a partly trained head."""
         self.model.train()
-        for name in ("encoder", "cls", "seg", "det", "gate"):
-            if name not in self.config.trainable:
-                getattr(self.model, name).eval()
+        for name in MODULES:
+            module = getattr(self.model, name)
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+                continue
+            for child in module.children():
+                params = list(child.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    child.eval()
 
     def resume(self, path: str | Path | None = None) -> None:
         """Continue from a ``last`` checkpoint: weights, optimizer, RNG, epoch, best score, history."""
@@ -128,15 +162,19 @@ class Trainer:
         return save_checkpoint(self.out_dir / f"{name}.safetensors", self.model, extra, self.optimizer if with_optimizer else None)
 
     def train_step(self, batch) -> dict[str, float] | None:
-        trainable_tasks = {t for t in ("cls", "seg", "det", "gate") if t in self.config.trainable}
-        tasks = self.loss.tasks_for(batch, trainable_tasks)
+        tasks = self.loss.tasks_for(batch, self.trained_tasks)
         if not tasks:
             return None
         images = batch.images
         if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        outputs = self.model(images, tasks)
-        losses = self.loss(outputs, batch)
+        forced = self.config.teacher_forcing
+        if forced is None or not set(tasks) & set(forced.heads):
+            outputs = self.model(images, tasks)
+            losses = self.loss(outputs, batch)
+        else:
+            outputs, head_batches = self._forced_forward(images, batch, tasks)
+            losses = self.loss(outputs, batch, head_batches)
         if "total" not in losses:
             return None
         total = losses["total"]
@@ -154,6 +192,25 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return {k: float(v.detach()) for k, v in losses.items()}
+
+    def _forced_forward(self, images: torch.Tensor, batch, tasks: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """One encoder pass; the gated heads run only on the images teacher forcing selects."""
+        forced = self.config.teacher_forcing
+        size = images.shape[-2:]
+        features = self.model.encode(images)
+        outputs = self.model.run_heads(features, [t for t in tasks if t not in forced.heads], size)
+        with torch.no_grad():
+            detached = [f.detach() for f in features]
+            gate_passed = self.model.gate_probability(self.model.run_heads(detached, self.model.gate_tasks(), size)) >= self.model.config.gate.threshold
+        rng = np.random.default_rng([self.config.seed, self.scheduler.last_epoch])
+        head_batches = {}
+        for head in (t for t in tasks if t in forced.heads):
+            chosen = select_for_head(batch, head, gate_passed, forced, rng, self.forcing)
+            if chosen.any():
+                rows = torch.nonzero(chosen).flatten()
+                outputs.update(self.model.run_heads([f[rows] for f in features], [head], size))
+                head_batches[head] = batch.select(chosen)
+        return outputs, head_batches
 
     def fit(self) -> list[dict[str, Any]]:
         """Train for the configured epochs (or until ``max_minutes``), validating after each epoch."""
@@ -179,9 +236,11 @@ class Trainer:
             self.epoch += 1
             record: dict[str, Any] = {"epoch": self.epoch, "seconds": round(time.monotonic() - start, 1)}
             record.update({f"train_{k}": float(np.mean(v)) for k, v in sums.items()})
+            record.update(self.forcing.as_record())
+            self.forcing = ForcingCounts()
             if self.val_sets:
                 metrics = evaluate_datasets(self.model, self.val_sets, bootstrap=0)
-                score = score_of(metrics)
+                score = score_of(metrics, self.trained_tasks)
                 record["val_score"] = score
                 record.update(_flat_metrics(metrics))
                 if score is not None and (self.best_score is None or score > self.best_score):
@@ -200,7 +259,31 @@ class Trainer:
                 break
         if not (self.out_dir / "best.safetensors").exists():
             self._checkpoint("best", with_optimizer=False)
+        if self.config.select_gate_threshold and self.val_sets:
+            try:
+                self.select_gate_threshold()
+            except ValueError as error:  # e.g. a phase whose validation images carry no gate labels
+                log.info("gate threshold kept at %.3f: %s", self.model.config.gate.threshold, error)
         return self.history
+
+    def select_gate_threshold(self) -> dict[str, Any]:
+        """Choose the gate threshold of the ``best`` weights on the validation images and store it in that
+        checkpoint's model config (and this model's), so inference and teacher forcing use it."""
+        best_path = self.out_dir / "best.safetensors"
+        header, tensors = read_checkpoint(best_path)
+        best = MultiCheXNet(self.model.config)
+        load_weights(best, tensors, best_path)
+        collected = collect(best, self.val_sets)
+        choice = choose_threshold(np.asarray(collected.gate_probs), np.asarray(collected.gate_labels),
+                                  self.config.select_gate_threshold, self.config.min_sensitivity)
+        gate = replace(self.model.config.gate, threshold=choice["threshold"])
+        self.model.config = replace(self.model.config, gate=gate)
+        best.config = self.model.config
+        extra = {k: v for k, v in header.items() if k not in {"format", "model"}}
+        save_checkpoint(best_path, best, {**extra, "gate_threshold": choice})
+        log.info("gate threshold %.3f (%s on %d validation images: sensitivity %.2f, specificity %.2f)",
+                 choice["threshold"], choice["criterion"], choice["n_positive"] + choice["n_negative"], choice["sensitivity"], choice["specificity"])
+        return choice
 
     def _write_log(self) -> None:
         keys = sorted({k for record in self.history for k in record}, key=lambda k: (k != "epoch", k))
