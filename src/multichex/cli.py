@@ -175,6 +175,7 @@ def evaluate(
     checkpoint: Path = typer.Option(..., exists=True, dir_okay=False, help="Checkpoint (.safetensors)."),
     out: Path = typer.Option(Path("runs/evaluate"), help="Output folder."),
     part: str = typer.Option("all", help="'all' images, or a part (train/val/test) of the checkpoint's own patient split."),
+    split: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="With --part: take the part from this split.json instead of the checkpoint's."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples (patients) for 95% CIs; 0 disables."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
 ) -> None:
@@ -193,7 +194,8 @@ def evaluate(
     else:
         if "train_config" not in header:
             raise typer.BadParameter("this checkpoint records no training split; use --part all")
-        config = TrainConfig.from_dict({**header["train_config"], "sources": [s.__dict__ for s in sources]})
+        config = TrainConfig.from_dict({**header["train_config"], "sources": [s.__dict__ for s in sources],
+                                        **({"split_file": str(split)} if split else {})})
     datasets = build_datasets(config, whole_caches=part == "all").get(part, {})
     if not datasets:
         raise typer.BadParameter(f"no images in part {part!r} of the given sources")
@@ -241,7 +243,7 @@ def transfer(
         if not checkpoint.is_file():
             raise typer.BadParameter(f"{checkpoint}: no such checkpoint")
         header, _ = read_checkpoint(checkpoint)
-        model = replace(ModelConfig.from_dict(header["model"]), class_names=names)
+        model = replace(ModelConfig.from_dict(header["model"]), class_names=names, class_thresholds=None)
     config = TrainConfig(
         model=model, sources=[_parse_source(s) for s in data], seed=seed, out_dir=str(out),
         split={"train": 0.6, "val": 0.2, "test": 0.2}, epochs=epochs, steps_per_epoch=steps_per_epoch,

@@ -237,3 +237,15 @@ def test_missed_gt_and_no_predictions() -> None:
 def test_bad_label_raises() -> None:
     with pytest.raises(ValueError):
         _run([([BOX_A], [0.9], [5])], [([BOX_A], [0])])
+
+
+def test_per_class_thresholds_change_only_their_class():
+    probs = torch.tensor([[0.3, 0.3], [0.6, 0.6], [0.2, 0.2], [0.7, 0.7]])
+    labels = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    fixed = classification_metrics(probs, labels, ["a", "b"])
+    tuned = classification_metrics(probs, labels, ["a", "b"], threshold=[0.5, 0.25])
+    assert tuned["per_class"]["a"] == fixed["per_class"]["a"]
+    assert tuned["per_class"]["b"]["accuracy"] == pytest.approx(0.75) and fixed["per_class"]["b"]["accuracy"] == pytest.approx(0.5)
+    assert tuned["per_class"]["b"]["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1)) != fixed["per_class"]["b"]["f1"]
+    with pytest.raises(ValueError, match="thresholds"):
+        classification_metrics(probs, labels, ["a", "b"], threshold=[0.5])

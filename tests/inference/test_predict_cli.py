@@ -15,7 +15,7 @@ from multichex.cli import app
 from multichex.training.checkpoint import load_model, save_checkpoint
 
 WIDTH, HEIGHT = 80, 60  # non-square inputs: masks must come back at this size
-REQUIRED_KEYS = {"image", "classes", "gate", "boxes", "mask"}
+REQUIRED_KEYS = {"image", "classes", "findings", "gate", "boxes", "mask"}
 OPTIONAL_KEYS = {"overlay", "disclaimer"}
 BOX_KEYS = {"x1", "y1", "x2", "y2", "score", "label"}
 
@@ -81,6 +81,7 @@ def check_record(record: dict, source: Path, out: Path, class_names: list[str], 
     assert record["image"] == str(source)
     assert set(record["classes"]) == set(class_names)
     assert all(0.0 <= p <= 1.0 for p in record["classes"].values())
+    assert set(record["findings"]) <= set(class_names)
     assert set(record["gate"]) == {"probability", "positive"}
     assert 0.0 <= record["gate"]["probability"] <= 1.0 and isinstance(record["gate"]["positive"], bool)
     assert isinstance(record["boxes"], list)

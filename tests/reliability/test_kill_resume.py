@@ -251,3 +251,47 @@ def test_nan_loss_can_stop_the_run_instead(tmp_path, covid_root, nih_root, monke
     assert not (tmp_path / "last.safetensors").exists()
     with pytest.raises(ValueError, match="on_nonfinite_loss"):
         TrainConfig(on_nonfinite_loss="ignore")
+
+
+def test_sigkill_during_a_protocol_then_resume_matches_uninterrupted_run(tmp_path, covid_root, nih_root):
+    """Kill a 3-phase protocol inside phase 2 (phase 1 finished); --resume skips phase 1, continues phase 2
+    from its last checkpoint, and ends with the weights of an uninterrupted run."""
+    data = _config_dict(covid_root, nih_root)
+    data.update(epochs=3, steps_per_epoch=25)
+    data["phases"] = [
+        {"name": "classifier", "sources": ["covid-chestxray", "nih-cxr14-bbox"], "trainable": ["encoder", "cls", "gate"], "schedule": "joint"},
+        {"name": "det-head", "sources": ["nih-cxr14-bbox"], "trainable": ["encoder", "det"], "teacher_forcing": {"p": 0.9}},
+        {"name": "mtl", "sources": ["covid-chestxray", "nih-cxr14-bbox"], "trainable": ["encoder", "cls", "seg", "det"], "epochs": 1},
+    ]
+    config = tmp_path / "protocol.yaml"
+    config.write_text(yaml.safe_dump(data))
+    run_a, run_b = tmp_path / "A", tmp_path / "B"
+    _run(_train_cmd(config, run_a))
+
+    process = subprocess.Popen(_train_cmd(config, run_b), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    phase_two = run_b / "phases" / "02-det-head"
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not ((run_b / "protocol_state.json").is_file() and _sidecar_epoch(phase_two) >= 1):
+            assert process.poll() is None, f"protocol exited early ({process.returncode}): {process.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "phase 2 saved no checkpoint within the timeout"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        process.stderr.close()
+    state = json.loads((run_b / "protocol_state.json").read_text())
+    assert state["completed"] == ["classifier"]
+    finished_phase = (run_b / "phases" / "01-classifier" / "best.safetensors").stat().st_mtime_ns
+
+    resumed = _run(_train_cmd(config, run_b, resume=True))
+    log = resumed.stderr.replace("\n", " ")
+    assert "already finished; skipped" in log and re.search(r"resumed .*? at epoch [12]", log), log[-3000:]
+    assert (run_b / "phases" / "01-classifier" / "best.safetensors").stat().st_mtime_ns == finished_phase
+    weights_a, weights_b = _model_tensors(run_a / "final.safetensors"), _model_tensors(run_b / "final.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert torch.allclose(weights_a[key].double(), weights_b[key].double(), rtol=0, atol=1e-6), key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def protocol_dict(out_dir: Path, covid_root: Path, nih_root: Path, phases: list[
 
 STAGED = [
     {"name": "classifier", "sources": ["det"], "init": "random", "trainable": ["encoder", "cls", "gate"], "schedule": "single",
-     "select_gate_threshold": "youden"},
+     "select_gate_threshold": "youden", "select_class_thresholds": "f1"},
     {"name": "det-head", "sources": ["det"], "trainable": ["encoder", "det"], "teacher_forcing": {"p": 0.5}},
     {"name": "mtl", "sources": ["det", "seg"], "trainable": ["encoder", "cls", "seg", "det"], "schedule": "alternating"},
     {"name": "transfer", "sources": ["covid"], "new_classes": ["COVID-19"], "trainable": ["cls.dec"]},
@@ -97,6 +98,10 @@ def test_protocol_writes_state_metrics_and_final_checkpoint(staged_run):
     header, _ = read_checkpoint(protocol.phase_dir(0) / "best.safetensors")
     assert header["gate_threshold"]["criterion"] == "youden"
     assert header["model"]["gate"]["threshold"] == pytest.approx(header["gate_threshold"]["threshold"])
+    thresholds = header["model"]["class_thresholds"]
+    assert len(thresholds) == 3 and list(header["class_thresholds"]["values"].values()) == thresholds
+    # Transfer to a new label set drops the old classes' thresholds.
+    assert model.config.class_thresholds is None
 
 
 def test_protocol_resumes_after_a_stop_between_phases(tmp_path, covid_root, nih_root, staged_run):
@@ -191,3 +196,28 @@ def test_joint_phase_trains_detection_on_boxes_fitted_to_masks(tmp_path, covid_r
     log = (runner.protocol.phase_dir(0) / "log.csv").read_text().splitlines()
     header = log[0].split(",")
     assert {"train_det", "train_seg", "train_cls"} <= set(header)
+
+
+def test_phase_checkpoints_remember_the_protocol_split(staged_run, nih_root, tmp_path):
+    """`evaluate --part test` on a phase checkpoint must use the protocol's joint split, not draw a new one."""
+    from multichex.training.config import TrainConfig
+    from multichex.training.data import split_sources
+
+    protocol, _ = staged_run
+    header, _ = read_checkpoint(protocol.phase_dir(1) / "best.safetensors")
+    config = TrainConfig.from_dict({**header["train_config"], "out_dir": str(tmp_path),
+                                    "sources": [{"name": "nih-cxr14-bbox", "root": str(nih_root.resolve())}]})
+    test = {str(Path(r.image_path).resolve()) for r in split_sources(config)["test"]["nih-cxr14-bbox"]}
+    saved = json.loads((Path(protocol.base.out_dir) / "split.json").read_text())["parts"]["test"]
+    assert test and test == {str(Path(p).resolve()) for p in saved if Path(p).resolve().is_relative_to(nih_root.resolve())}
+
+
+def test_saved_split_refuses_images_it_does_not_list(tmp_path, covid_root, nih_root, staged_run):
+    from multichex.training.config import SourceConfig, TrainConfig
+    from multichex.training.data import split_sources
+
+    protocol, _ = staged_run
+    shutil.copytree(nih_root, tmp_path / "elsewhere")  # the same images at another path
+    config = TrainConfig(sources=[SourceConfig("nih-cxr14-bbox", str(tmp_path / "elsewhere"))], split_file=str(Path(protocol.base.out_dir) / "split.json"))
+    with pytest.raises(ValueError, match="not in this split"):
+        split_sources(config)

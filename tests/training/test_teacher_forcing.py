@@ -67,9 +67,9 @@ def test_per_sample_coin_mixes_sources_and_follows_p():
     assert 95 <= counts.gated["seg"] <= 145
 
 
-def tiny_trainer(tmp_path, p: float, threshold: float) -> Trainer:
+def tiny_trainer(tmp_path, p: float, threshold: float, **gate) -> Trainer:
     model = ModelConfig(encoder="lite-small", image_size=64, class_names=["Mass", "COVID-19", "No Finding"], box_classes=["Mass"],
-                        anchors=[[0.2, 0.2]], cls_hidden=32, gate=GateConfig(threshold=threshold))
+                        anchors=[[0.2, 0.2]], cls_hidden=32, gate=GateConfig(threshold=threshold, **gate))
     config = TrainConfig(model=model, out_dir=str(tmp_path), trainable=["encoder", "det"], teacher_forcing={"p": p, "heads": ["det"]},
                          augment={"enabled": False}, steps_per_epoch=1, epochs=1)
     return Trainer(config, {"dummy": [None]}, progress=False)  # data sets unused: batches are fed by hand
@@ -104,3 +104,15 @@ def test_gate_stays_frozen_and_counts_reach_the_log(tmp_path):
     for key, value in trainer.model.gate.state_dict().items():
         assert torch.equal(value, gate_before[key]), key
     assert trainer.forcing.as_record() == {"tf_det_forced": 0, "tf_det_gated": 7, "tf_det_gated_negative": 4}
+
+
+def test_the_classifier_head_can_be_the_gate(tmp_path):
+    """gate.source = classifier: the pass/reject decision comes from CheXCls' chosen classes (no gate module)."""
+    batch = batch_of(KINDS)
+    trainer = tiny_trainer(tmp_path / "a", p=0.0, threshold=-1.0, source="classifier", classes=["Mass"])
+    calls: list[int] = []
+    handle = trainer.model.gate.register_forward_hook(lambda *args: calls.append(1))
+    assert images_reaching(trainer, batch) == 7
+    handle.remove()
+    assert not calls  # the separate gate module never ran
+    assert images_reaching(tiny_trainer(tmp_path / "b", p=0.0, threshold=2.0, source="classifier", classes=["Mass"]), batch) == 0

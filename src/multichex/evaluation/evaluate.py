@@ -85,24 +85,31 @@ def _interval(value_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: value_dict.get(k) for k in ("value", "low", "high", "n_groups")}
 
 
-def summarize(out: Collected, class_names: list[str], box_classes: list[str], bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Metrics per head; with ``bootstrap > 0``, 95% CIs from resampling patients (not images)."""
+def summarize(
+    out: Collected, class_names: list[str], box_classes: list[str], bootstrap: int = 1000, seed: int = 0,
+    class_thresholds: list[float] | None = None, gate_threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Metrics per head; with ``bootstrap > 0``, 95% CIs from resampling patients (not images).
+
+    Accuracy and F1 use ``class_thresholds`` (chosen on validation; 0.5 when None) and the gate's threshold.
+    """
+    thresholds = class_thresholds if class_thresholds is not None else 0.5
     metrics: dict[str, Any] = {}
     if out.probs:
         probs, labels = torch.cat(out.probs), torch.cat(out.labels)
-        cls = classification_metrics(probs, labels, class_names)
+        cls = classification_metrics(probs, labels, class_names, thresholds)
         intervals = {f"macro_{k}": {"value": v} for k, v in cls["macro"].items()}
         if bootstrap and any(v is not None for v in cls["macro"].values()):
             intervals = {
                 f"macro_{k}": _interval(v) for k, v in bootstrap_statistics(
-                    out.patients, lambda idx: classification_metrics(probs[idx], labels[idx], class_names)["macro"],
+                    out.patients, lambda idx: classification_metrics(probs[idx], labels[idx], class_names, thresholds)["macro"],
                     n_resamples=bootstrap, seed=seed,
                 ).items()
             }
         metrics["classification"] = {"per_class": cls["per_class"], "macro": cls["macro"], **intervals, "n_images": len(probs)}
         gate_probs, gate_labels = torch.tensor(out.gate_probs), torch.tensor(out.gate_labels)
         def gate_metrics(idx: np.ndarray) -> dict[str, Any]:
-            return classification_metrics(gate_probs[idx, None], gate_labels[idx, None], ["positive"])["per_class"]["positive"]
+            return classification_metrics(gate_probs[idx, None], gate_labels[idx, None], ["positive"], gate_threshold)["per_class"]["positive"]
 
         gate = gate_metrics(np.arange(len(gate_probs)))
         gate_interval: dict[str, Any] = {"value": gate["auroc"]}
@@ -150,10 +157,12 @@ def evaluate_datasets(
     model: MultiCheXNet, datasets: dict[str, CXRDataset], bootstrap: int = 1000, seed: int = 0, batch_size: int = 16, per_source: bool = False
 ) -> dict[str, Any]:
     """Collect and summarise in one call; with ``per_source``, also each data set alone under ``"per_source"``."""
-    names = model.config.class_names, model.config.box_classes
+    config = model.config
+    names = config.class_names, config.box_classes
+    points = {"class_thresholds": config.class_thresholds, "gate_threshold": config.gate.threshold}
     if not per_source:
-        return summarize(collect(model, datasets, batch_size), *names, bootstrap, seed)
+        return summarize(collect(model, datasets, batch_size), *names, bootstrap, seed, **points)
     parts = {key: collect(model, {key: dataset}, batch_size) for key, dataset in datasets.items()}
-    metrics = summarize(Collected.merge(list(parts.values())), *names, bootstrap, seed)
-    metrics["per_source"] = {key: summarize(part, *names, bootstrap, seed) for key, part in parts.items()}
+    metrics = summarize(Collected.merge(list(parts.values())), *names, bootstrap, seed, **points)
+    metrics["per_source"] = {key: summarize(part, *names, bootstrap, seed, **points) for key, part in parts.items()}
     return metrics

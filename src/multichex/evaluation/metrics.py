@@ -43,7 +43,7 @@ def classification_metrics(
     probs: torch.Tensor,
     labels: torch.Tensor,
     class_names: list[str],
-    threshold: float = 0.5,
+    threshold: float | Sequence[float] = 0.5,
 ) -> dict[str, Any]:
     """Per-class AUROC / accuracy / F1 for multi-label outputs with unknown labels.
 
@@ -52,7 +52,7 @@ def classification_metrics(
         labels: ``B×C`` float labels in {0, 1}; NaN = unknown, ignored for that class only.
         class_names: ``C`` names, used as keys of ``per_class``.
         threshold: a probability strictly above it counts as a positive prediction (torchmetrics'
-            convention; used for accuracy and F1).
+            convention; used for accuracy and F1); one value, or one per class (chosen on validation).
 
     Returns:
         ``{"per_class": {name: {"auroc", "accuracy", "f1", "n_known", "n_positive"}},
@@ -69,6 +69,9 @@ def classification_metrics(
     if probs.shape[1] != len(class_names):
         raise ValueError(f"{probs.shape[1]} columns but {len(class_names)} class names")
 
+    thresholds = [float(threshold)] * len(class_names) if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
+    if len(thresholds) != len(class_names):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(class_names)} classes")
     per_class: dict[str, dict[str, Any]] = {}
     for c, name in enumerate(class_names):
         known = ~torch.isnan(labels[:, c])
@@ -78,8 +81,8 @@ def classification_metrics(
         n_pos = int(y.sum())
         entry: dict[str, Any] = {"auroc": None, "accuracy": None, "f1": None, "n_known": n_known, "n_positive": n_pos}
         if n_known > 0:
-            entry["accuracy"] = _to_float(binary_accuracy(p, y, threshold=threshold))
-            entry["f1"] = _to_float(binary_f1_score(p, y, threshold=threshold))
+            entry["accuracy"] = _to_float(binary_accuracy(p, y, threshold=thresholds[c]))
+            entry["f1"] = _to_float(binary_f1_score(p, y, threshold=thresholds[c]))
             if 0 < n_pos < n_known:  # AUROC is undefined with a single class among known rows
                 entry["auroc"] = _to_float(binary_auroc(p, y))
         per_class[name] = entry

@@ -13,6 +13,17 @@ import numpy as np
 CRITERIA = ("youden", "f1", "sensitivity")
 
 
+def per_class_thresholds(probs: np.ndarray, labels: np.ndarray, criterion: str = "f1", default: float = 0.5) -> list[float]:
+    """One threshold per column of ``B×C`` probabilities; ``default`` where a class lacks positives or negatives."""
+    thresholds = []
+    for c in range(probs.shape[1]):
+        try:
+            thresholds.append(choose_threshold(probs[:, c], labels[:, c], criterion)["threshold"])
+        except ValueError:
+            thresholds.append(default)
+    return thresholds
+
+
 def threshold_sweep(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Sensitivity, specificity, precision and F1 at every distinct score used as threshold (``p >= t``)."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -36,6 +47,9 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, criterion: str = "yo
     """The threshold that maximises Youden's J or F1 (ties: the highest), or the highest one with
     sensitivity ≥ ``min_sensitivity``.
 
+    The chosen score is moved halfway to the next lower score, so ``p >= t`` and ``p > t`` agree on the
+    validation images and new images near the boundary are not decided by a tie.
+
     Returns ``{"threshold", "criterion", "sensitivity", "specificity", "f1", "n_positive", "n_negative"}``.
     Raises ``ValueError`` when the known labels lack positives or negatives (no operating point exists).
     """
@@ -53,8 +67,10 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, criterion: str = "yo
         index = int(np.argmax(sweep["f1"]))
     else:
         index = int(np.argmax(sweep["sensitivity"] >= min_sensitivity))  # first (highest) threshold reaching it
+    scores = sweep["threshold"]
+    lower = scores[index + 1] if index + 1 < len(scores) else max(0.0, scores[index] - 1e-3)
     return {
-        "threshold": float(sweep["threshold"][index]),
+        "threshold": float((scores[index] + lower) / 2),
         "criterion": criterion,
         "sensitivity": float(sweep["sensitivity"][index]),
         "specificity": float(sweep["specificity"][index]),

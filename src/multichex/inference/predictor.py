@@ -2,7 +2,8 @@
 
 For each input ``<stem>`` the output folder gets ``<stem>.json``::
 
-    {"image", "classes": {name: prob}, "gate": {"probability", "positive"},
+    {"image", "classes": {name: prob}, "findings": [names at or above their threshold],
+     "gate": {"probability", "positive"},
      "boxes": [{"x1", "y1", "x2", "y2", "score", "label"}], "mask": "<stem>_mask.png" | null}
 
 plus the mask as a 0/255 PNG at the input image's original size and ``<stem>_overlay.png``.
@@ -75,6 +76,7 @@ class Predictor:
         out = self.model.predict(images, use_gate=self.use_gate, score_threshold=self.score_threshold)
         names = self.model.config.class_names
         box_names = self.model.config.box_classes
+        thresholds = self.model.config.class_thresholds or [0.5] * len(self.model.config.class_names)
         results = []
         for index, item in enumerate(items):
             mask = None
@@ -91,6 +93,7 @@ class Predictor:
             results.append({
                 "image": str(item.path),
                 "classes": {name: round(float(p), 5) for name, p in zip(names, out.class_probs[index])},
+                "findings": [name for name, p, t in zip(names, out.class_probs[index].tolist(), thresholds) if p >= t],
                 "gate": {"probability": round(float(out.gate_probs[index]), 5), "positive": bool(out.gate_positive[index])},
                 "boxes": boxes,
                 "mask_array": mask,

@@ -51,6 +51,7 @@ class ModelConfig:
     input_mean: float = 0.5
     input_std: float = 0.25
     gate: GateConfig = field(default_factory=GateConfig)
+    class_thresholds: list[float] | None = None  # per-class decision thresholds chosen on validation (None: 0.5)
 
     def __post_init__(self) -> None:
         if isinstance(self.gate, dict):
@@ -65,6 +66,8 @@ class ModelConfig:
             raise ValueError(f"gate.classes {missing} are not in class_names")
         if self.gate.source == "classifier" and not self.gate.classes:
             raise ValueError("gate.source='classifier' needs gate.classes")
+        if self.class_thresholds is not None and len(self.class_thresholds) != len(self.class_names):
+            raise ValueError(f"{len(self.class_thresholds)} class_thresholds for {len(self.class_names)} class_names")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
 

@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/train"
     split: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
+    split_file: str | None = None  # reuse a saved split.json (image path → part) instead of drawing one
     schedule: str = "alternating"
     epochs: int = 10
     steps_per_epoch: int | None = None
@@ -83,6 +84,7 @@ class TrainConfig:
     teacher_forcing: TeacherForcingConfig | None = None  # None: gated heads train on every labelled image
     select_gate_threshold: str | None = None  # after training: "youden", "f1" or "sensitivity" (on validation)
     min_sensitivity: float = 0.95  # for select_gate_threshold="sensitivity"
+    select_class_thresholds: str | None = None  # after training: per-class "f1" or "youden" thresholds (on validation)
     loss_weights: dict[str, float] = field(default_factory=dict)
     dice_weight: float = 1.0
     giou_weight: float = 0.0
@@ -107,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"source keys must be unique (give repeated readers an `id`), got {keys}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.select_class_thresholds not in {None, "youden", "f1"}:
+            raise ValueError(f"select_class_thresholds must be f1 or youden, got {self.select_class_thresholds!r}")
         if self.select_gate_threshold not in {None, "youden", "f1", "sensitivity"}:
             raise ValueError(f"select_gate_threshold must be youden, f1 or sensitivity, got {self.select_gate_threshold!r}")
         if self.on_nonfinite_loss not in {"skip", "stop"}:

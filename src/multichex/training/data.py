@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +45,10 @@ def split_sources(config: TrainConfig, out_dir: Path | None = None) -> dict[str,
     """
     per_source = {s.key: load_refs(s) for s in config.sources if not s.prepared}
     flat = [(name, ref) for name, refs in per_source.items() for ref in refs]
-    parts = patient_split([ref.patient_id for _, ref in flat], config.split, seed=config.seed, strata=[name for name, _ in flat])
+    if config.split_file:
+        parts = saved_split_indices(Path(config.split_file), [str(ref.image_path) for _, ref in flat])
+    else:
+        parts = patient_split([ref.patient_id for _, ref in flat], config.split, seed=config.seed, strata=[name for name, _ in flat])
     result: dict[str, dict[str, list[SampleRef]]] = {part: {name: [] for name in per_source} for part in parts}
     for part, indices in parts.items():
         for index in indices:
@@ -57,6 +61,29 @@ def split_sources(config: TrainConfig, out_dir: Path | None = None) -> dict[str,
             config.seed,
         )
     return result
+
+
+def _same_file_key(path: str) -> str:
+    """Absolute form, so a split saved with relative roots matches the same files given absolutely."""
+    return str(Path(path).resolve())
+
+
+def saved_split_indices(path: Path, image_paths: list[str]) -> dict[str, list[int]]:
+    """Part → indices of ``image_paths`` from a saved ``split.json``; every image must be listed in it."""
+    try:
+        saved = json.loads(path.read_text())["parts"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{path}: not a readable split.json ({error})") from error
+    part_of = {_same_file_key(image): part for part, images in saved.items() for image in images}
+    image_paths = [_same_file_key(p) for p in image_paths]
+    missing = [p for p in image_paths if p not in part_of]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of the sources' images are not in this split (e.g. {missing[0]}); "
+                         "a saved split only applies to the sources (and roots) it was made from")
+    parts: dict[str, list[int]] = {part: [] for part in saved}
+    for index, image in enumerate(image_paths):
+        parts[part_of[image]].append(index)
+    return parts
 
 
 def prepared_datasets(config: TrainConfig, source: SourceConfig, whole: bool = False) -> dict[str, CXRDataset]:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from multichex.data.sources import CXRDataset
 from multichex.data.samplers import AlternatingBatches, JointBatches
 from multichex.evaluation.evaluate import collect, evaluate_datasets
-from multichex.evaluation.thresholds import choose_threshold
+from multichex.evaluation.thresholds import choose_threshold, per_class_thresholds
 from multichex.losses.multitask import MultiTaskLoss
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.checkpoint import read_checkpoint, restore_training_state, save_checkpoint, load_weights
@@ -259,31 +259,41 @@ class Trainer:
                 break
         if not (self.out_dir / "best.safetensors").exists():
             self._checkpoint("best", with_optimizer=False)
-        if self.config.select_gate_threshold and self.val_sets:
-            try:
-                self.select_gate_threshold()
-            except ValueError as error:  # e.g. a phase whose validation images carry no gate labels
-                log.info("gate threshold kept at %.3f: %s", self.model.config.gate.threshold, error)
+        if self.val_sets and (self.config.select_gate_threshold or self.config.select_class_thresholds):
+            self.select_operating_points()
         return self.history
 
-    def select_gate_threshold(self) -> dict[str, Any]:
-        """Choose the gate threshold of the ``best`` weights on the validation images and store it in that
-        checkpoint's model config (and this model's), so inference and teacher forcing use it."""
+    def select_operating_points(self) -> dict[str, Any]:
+        """Choose the gate threshold and/or per-class thresholds of the ``best`` weights on the validation
+        images and store them in that checkpoint's model config (and this model's), so inference,
+        evaluation and teacher forcing use them."""
         best_path = self.out_dir / "best.safetensors"
         header, tensors = read_checkpoint(best_path)
         best = MultiCheXNet(self.model.config)
         load_weights(best, tensors, best_path)
         collected = collect(best, self.val_sets)
-        choice = choose_threshold(np.asarray(collected.gate_probs), np.asarray(collected.gate_labels),
-                                  self.config.select_gate_threshold, self.config.min_sensitivity)
-        gate = replace(self.model.config.gate, threshold=choice["threshold"])
-        self.model.config = replace(self.model.config, gate=gate)
-        best.config = self.model.config
-        extra = {k: v for k, v in header.items() if k not in {"format", "model"}}
-        save_checkpoint(best_path, best, {**extra, "gate_threshold": choice})
-        log.info("gate threshold %.3f (%s on %d validation images: sensitivity %.2f, specificity %.2f)",
-                 choice["threshold"], choice["criterion"], choice["n_positive"] + choice["n_negative"], choice["sensitivity"], choice["specificity"])
-        return choice
+        config, chosen = self.model.config, {}
+        if self.config.select_gate_threshold:
+            try:
+                choice = choose_threshold(np.asarray(collected.gate_probs), np.asarray(collected.gate_labels),
+                                          self.config.select_gate_threshold, self.config.min_sensitivity)
+            except ValueError as error:  # e.g. a phase whose validation images carry no gate labels
+                log.info("gate threshold kept at %.3f: %s", config.gate.threshold, error)
+            else:
+                config = replace(config, gate=replace(config.gate, threshold=choice["threshold"]))
+                chosen["gate_threshold"] = choice
+                log.info("gate threshold %.3f (%s on %d validation images: sensitivity %.2f, specificity %.2f)", choice["threshold"],
+                         choice["criterion"], choice["n_positive"] + choice["n_negative"], choice["sensitivity"], choice["specificity"])
+        if self.config.select_class_thresholds and collected.probs:
+            thresholds = per_class_thresholds(torch.cat(collected.probs).numpy(), torch.cat(collected.labels).numpy(),
+                                              self.config.select_class_thresholds)
+            config = replace(config, class_thresholds=thresholds)
+            chosen["class_thresholds"] = {"criterion": self.config.select_class_thresholds, "values": dict(zip(config.class_names, thresholds))}
+        if chosen:
+            self.model.config = best.config = config
+            extra = {k: v for k, v in header.items() if k not in {"format", "model"}}
+            save_checkpoint(best_path, best, {**extra, **chosen})
+        return chosen
 
     def _write_log(self) -> None:
         keys = sorted({k for record in self.history for k in record}, key=lambda k: (k != "epoch", k))

@@ -90,8 +90,10 @@ class Protocol:
         data.update(phase.settings)
         data["sources"] = [s for s in data["sources"] if (s["id"] or s["name"]) in phase.sources]
         data["out_dir"] = str(self.phase_dir(index))
+        data["split_file"] = str(Path(self.base.out_dir) / "split.json")  # the protocol's joint split, for `evaluate --part`
         if phase.new_classes:
             data["model"]["class_names"] = list(phase.new_classes)
+            data["model"]["class_thresholds"] = None
         return TrainConfig.from_dict(data)
 
     def phase_dir(self, index: int) -> Path:

@@ -36,7 +36,7 @@ def transfer_model(model: MultiCheXNet, classes: Sequence[str]) -> MultiCheXNet:
             "use a model whose gate is the separate module (gate.source: module)"
         )
     model.cls.replace_decoder(len(classes))
-    model.config = replace(model.config, class_names=classes)
+    model.config = replace(model.config, class_names=classes, class_thresholds=None)
     return model
 
 
