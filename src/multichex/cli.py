@@ -53,19 +53,26 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def run_training(config, resume: bool = False, progress: bool = True) -> tuple[Path, dict]:
-    """Split, train, then evaluate the best checkpoint on the held-out test patients."""
+    """Split, train, then evaluate the best checkpoint on the held-out test patients.
+
+    Under torchrun every rank trains; rank 0 alone writes split.json and metrics.json and evaluates
+    (the other ranks return empty metrics)."""
     from multichex.evaluation.evaluate import evaluate_datasets
+    from multichex.training import distributed
     from multichex.training.checkpoint import load_model
     from multichex.training.data import build_datasets
     from multichex.training.loop import Trainer
 
+    distributed.init_from_env()
     out_dir = Path(config.out_dir)
-    parts = build_datasets(config, out_dir)
+    parts = build_datasets(config, out_dir if distributed.is_main() else None)
     trainer = Trainer(config, parts["train"], parts.get("val"), progress=progress)
     if resume:
         trainer.resume()
     trainer.fit()
     best = out_dir / "best.safetensors"
+    if not distributed.is_main():
+        return best, {}
     model, _ = load_model(best)
     metrics = {}
     if parts.get("test"):
@@ -131,10 +138,15 @@ def train(
     A config with a `phases:` list is a staged protocol (e.g. configs/multichexnet.yaml): each phase
     trains the modules it names on its sources, starting from the previous phase's best weights.
     """
+    from multichex.training import distributed
     from multichex.training.config import load_config
     from multichex.training.protocol import ProtocolRunner, is_protocol, load_protocol, smoke_overrides
 
     _setup_logging()
+    distributed.init_from_env()  # under torchrun: join the job; rank 0 alone writes files and prints results
+    main = distributed.is_main()
+    if not main:
+        logging.getLogger().setLevel(logging.WARNING)
     overrides = {}
     if out is not None:
         overrides["out_dir"] = str(out)
@@ -146,6 +158,9 @@ def train(
             protocol = smoke_overrides(protocol)
         started = time.monotonic()
         metrics = ProtocolRunner(protocol, progress=progress, bootstrap=200 if smoke else 1000).run(resume=resume)
+        distributed.cleanup()
+        if not main:
+            return
         for phase, phase_metrics in metrics.items():
             console.print(f"[bold]{phase}[/bold] (held-out: {', '.join(phase_metrics.get('sources', []))})")
             _print_metrics(phase_metrics)
@@ -155,6 +170,9 @@ def train(
         raise typer.BadParameter("--smoke applies to protocols (configs with `phases:`)")
     config = load_config(config_path, overrides)
     best, metrics = run_training(config, resume=resume, progress=progress)
+    distributed.cleanup()
+    if not main:
+        return
     _print_metrics(metrics)
     console.print(f"best checkpoint: {best}")
 
@@ -256,34 +274,93 @@ def transfer(
 
 
 @app.command()
-def predict(
-    paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Image files or folders (PNG, JPEG, DICOM)."),
+def export(
     checkpoint: Path = typer.Option(..., exists=True, dir_okay=False, help="Checkpoint (.safetensors)."),
+    out: Path = typer.Option(Path("model.onnx"), help="Encoder graph path; the head graphs and the JSON sidecar go beside it."),
+    opset: int = typer.Option(18, help="ONNX opset."),
+    check: bool = typer.Option(True, help="Check ONNX Runtime's outputs against PyTorch on a random batch."),
+) -> None:
+    """Export to ONNX: an encoder+classifier+gate graph and one graph per gated head (the gate can still skip heads)."""
+    from multichex.inference.onnx_runtime import OnnxModel, export_onnx
+    from multichex.training.checkpoint import load_model
+
+    _setup_logging()
+    model, _ = load_model(checkpoint)
+    paths = export_onnx(model, out, opset)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if check:
+        import torch
+
+        images = torch.rand(3, 1, model.config.image_size, model.config.image_size)
+        expected = model.predict(images, use_gate=False)
+        got = OnnxModel(out).predict(images, use_gate=False)
+        difference = float((expected.class_probs - got.class_probs).abs().max())
+        seg = max(float((a - b).abs().max()) for a, b in zip(expected.seg_probs, got.seg_probs))
+        console.print(f"ONNX Runtime vs PyTorch on a random batch: max |Δ class probability| {difference:.2e}, max |Δ mask probability| {seg:.2e}")
+        if difference > 1e-4 or seg > 1e-4:
+            raise typer.Exit(code=1)
+
+
+@app.command()
+def predict(
+    paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Image files or folders (PNG, JPEG, DICOM), walked recursively."),
+    checkpoint: Path = typer.Option(..., exists=True, dir_okay=False, help="Checkpoint (.safetensors), or model.onnx with --runtime onnx."),
     out: Path = typer.Option(Path("runs/predict"), help="Output folder."),
+    runtime: str = typer.Option("torch", help="'torch' (PyTorch) or 'onnx' (ONNX Runtime; --checkpoint is a `multichex export` model.onnx)."),
     gate: bool = typer.Option(True, "--gate/--no-gate", help="Run gated heads only on gate-positive images."),
     score_threshold: float = typer.Option(0.25, help="Minimum box score."),
     batch_size: int = typer.Option(8, help="Images per forward pass."),
+    resume: bool = typer.Option(True, "--resume/--overwrite", help="Skip images whose outputs are already in OUT (restart after an interruption)."),
+    explain: bool = typer.Option(False, help="Also write a Grad-CAM heat map per predicted finding (PyTorch runtime only)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Per image: <stem>.json, <stem>_mask.png (original size) and <stem>_overlay.png."""
+    """Per image: <name>.json, <name>_mask.png (original size) and <name>_overlay.png; predictions.csv for all."""
     from multichex.data.io import list_images
     from multichex.inference.predictor import Predictor, predict_files
 
     _setup_logging()
-    files: list[Path] = []
+    files: list[tuple[Path, Path]] = []
     for path in paths:
         if path.is_dir():
-            files += list_images(path)
+            files += [(found, path) for found in list_images(path)]
         else:
-            files.append(path)
+            files.append((path, path.parent))
     if not files:
         raise typer.BadParameter("no image files found in the given paths")
-    predictor = Predictor.from_checkpoint(checkpoint, use_gate=gate, score_threshold=score_threshold)
-    records, errors = predict_files(predictor, files, out, batch_size=batch_size, progress=progress)
-    console.print(f"{len(records)} predictions written to {out}; {len(errors)} unreadable files"
+    try:
+        predictor = Predictor.from_checkpoint(checkpoint, runtime=runtime, use_gate=gate, score_threshold=score_threshold, explain=explain)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        raise typer.BadParameter(str(error)) from error
+    records, errors = predict_files(predictor, files, out, batch_size=batch_size, progress=progress, resume=resume)
+    console.print(f"{len(records)} predictions in {out} (predictions.csv); {len(errors)} unreadable files"
                   + (f" (see {out / 'errors.csv'})" if errors else ""))
     if not records:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def serve(
+    checkpoint: Path = typer.Option(..., exists=True, dir_okay=False, help="Checkpoint (.safetensors)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind. No authentication: keep it local."),
+    port: int = typer.Option(8000, help="TCP port."),
+    workers: int = typer.Option(2, min=1, help="Predictions running at once (thread pool size)."),
+    max_upload_mb: float = typer.Option(20.0, min=0.001, help="Largest accepted upload in MiB."),
+    gate: bool = typer.Option(True, "--gate/--no-gate", help="Run gated heads only on gate-positive images."),
+    explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM heat maps for the predicted findings."),
+) -> None:
+    """Local web app: upload a chest X-ray, see overlay, heat map, gate and class probabilities (docs/serve.md)."""
+    import uvicorn
+
+    from multichex.inference.predictor import Predictor
+    from multichex.serve import create_app
+
+    _setup_logging()
+    if host not in {"127.0.0.1", "localhost", "::1"}:
+        console.print(f"[bold red]warning:[/bold red] binding {host}: the app has no authentication; do not expose it.")
+    predictor = Predictor.from_checkpoint(checkpoint, use_gate=gate, explain=explain)
+    web_app = create_app(predictor, max_upload_bytes=int(max_upload_mb * 2**20), workers=workers)
+    console.print(f"[bold]multichex serve[/bold] on http://{host}:{port} — {CLINICAL_DISCLAIMER}")
+    uvicorn.run(web_app, host=host, port=port)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,22 @@
 For each input ``<stem>`` the output folder gets ``<stem>.json``::
 
     {"image", "classes": {name: prob}, "findings": [names at or above their threshold],
-     "gate": {"probability", "positive"},
+     "gate": {"probability", "positive"}, "heatmaps": {class: "<stem>_cam_<class>.png"} (with explain),
      "boxes": [{"x1", "y1", "x2", "y2", "score", "label"}], "mask": "<stem>_mask.png" | null}
 
-plus the mask as a 0/255 PNG at the input image's original size and ``<stem>_overlay.png``.
-Coordinates are pixels of the original image. Unreadable files are logged to ``errors.csv``.
+plus the mask as a 0/255 PNG at the input image's original size and ``<stem>_overlay.png``; one
+``predictions.csv`` sums up every image. Coordinates are pixels of the original image. Unreadable files are
+logged to ``errors.csv``. A restarted run skips the images whose JSON is already written.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +33,10 @@ from multichex import CLINICAL_DISCLAIMER
 from multichex.data.io import ImageReadError, LoadedImage, read_image, to_uint8
 from multichex.data.transforms import Letterbox, normalize_intensity
 from multichex.evaluation.overlay import render_overlay
+from multichex.fileio import atomic_write_bytes, atomic_write_text
 from multichex.models.multichexnet import MultiCheXNet
-from multichex.training.checkpoint import load_model
+from multichex.inference.explain import GradCamExplainer, heatmap_overlay
+from multichex.inference.onnx_runtime import OnnxModel, load_inference_model
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +54,21 @@ class PreparedImage:
 class Predictor:
     """Loads a checkpoint once and predicts for files, arrays or batches."""
 
-    def __init__(self, model: MultiCheXNet, use_gate: bool = True, score_threshold: float = 0.25, mask_threshold: float = 0.5) -> None:
+    def __init__(
+        self, model: "MultiCheXNet | OnnxModel", use_gate: bool = True, score_threshold: float = 0.25, mask_threshold: float = 0.5,
+        explain: bool = False,
+    ) -> None:
+        """``explain``: also a Grad-CAM heat map per predicted finding (or for the top class when none is predicted)."""
         self.model = model.eval()
         self.use_gate = use_gate
         self.score_threshold = score_threshold
         self.mask_threshold = mask_threshold
+        self.explainer = GradCamExplainer(model) if explain else None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> "Predictor":
-        model, _ = load_model(path)
-        return cls(model, **kwargs)
+    def from_checkpoint(cls, path: str | Path, runtime: str = "torch", threads: int | None = None, **kwargs: Any) -> "Predictor":
+        """A ``.safetensors`` checkpoint (PyTorch) or, with ``runtime="onnx"``, a ``multichex export`` model.onnx."""
+        return cls(load_inference_model(path, runtime, threads), **kwargs)
 
     @property
     def size(self) -> int:
@@ -90,7 +101,13 @@ class Predictor:
                 for box, score, label in zip(original.tolist(), found.scores.tolist(), found.labels.tolist()):
                     boxes.append({"x1": round(box[0], 1), "y1": round(box[1], 1), "x2": round(box[2], 1), "y2": round(box[3], 1),
                                   "score": round(score, 4), "label": box_names[label]})
+            probs = out.class_probs[index].tolist()
+            explained = {}
+            if self.explainer is not None:
+                chosen = [i for i, (p, t) in enumerate(zip(probs, thresholds)) if p >= t] or [int(np.argmax(probs))]
+                explained = {names[i]: heat for i, heat in self.explainer.maps(item.tensor, chosen).items()}
             results.append({
+                "heat_arrays": explained,
                 "image": str(item.path),
                 "classes": {name: round(float(p), 5) for name, p in zip(names, out.class_probs[index])},
                 "findings": [name for name, p, t in zip(names, out.class_probs[index].tolist(), thresholds) if p >= t],
@@ -101,60 +118,133 @@ class Predictor:
         return results
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
-    stem, n = path.stem, 1
-    while stem in used:
-        n += 1
-        stem = f"{path.stem}_{n}"
-    used.add(stem)
-    return stem
+def output_stems(inputs: Sequence[tuple[Path, Path]]) -> list[str]:
+    """One output name per ``(file, folder it was found in)``: its path relative to that folder with ``/`` → ``__``.
+
+    The name depends only on the file and its folder, not on the order of the run, so a restarted run finds
+    the outputs it already wrote. Names that still collide (``x.png`` and ``x.dcm``) get a short hash of the
+    absolute path.
+    """
+    stems = [path.relative_to(root).with_suffix("").as_posix().replace("/", "__") for path, root in inputs]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    return [
+        f"{stem}__{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}" if counts[stem] > 1 else stem
+        for stem, (path, _) in zip(stems, inputs)
+    ]
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def write_result(result: dict[str, Any], item: PreparedImage, out_dir: Path, stem: str) -> dict[str, Any]:
-    """Write ``<stem>.json``, ``<stem>_mask.png`` and ``<stem>_overlay.png``; return the JSON record."""
+    """Write ``<stem>_mask.png``, ``<stem>_overlay.png`` and, last, ``<stem>.json`` (each atomically), so a
+    JSON on disk always means a finished image. Returns the JSON record."""
     mask = result.pop("mask_array")
+    heat_arrays = result.pop("heat_arrays", {})
     record = {**result, "mask": None}
     if mask is not None:
-        Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / f"{stem}_mask.png")
+        atomic_write_bytes(out_dir / f"{stem}_mask.png", _png_bytes(Image.fromarray((mask * 255).astype(np.uint8))))
         record["mask"] = f"{stem}_mask.png"
     overlay = render_overlay(to_uint8(item.loaded.array), mask, record["boxes"], record["classes"], record["gate"], title=item.path.name)
-    overlay.save(out_dir / f"{stem}_overlay.png")
+    atomic_write_bytes(out_dir / f"{stem}_overlay.png", _png_bytes(overlay))
     record["overlay"] = f"{stem}_overlay.png"
+    if heat_arrays:
+        gray = to_uint8(item.loaded.array)
+        record["heatmaps"] = {}
+        for name, heat in heat_arrays.items():
+            filename = f"{stem}_cam_{re.sub(r'[^A-Za-z0-9_-]+', '-', name)}.png"
+            atomic_write_bytes(out_dir / filename, _png_bytes(heatmap_overlay(gray, heat, item.letterbox)))
+            record["heatmaps"][name] = filename
     record["disclaimer"] = CLINICAL_DISCLAIMER
-    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(record, indent=2))
     return record
+
+
+def finished_record(out_dir: Path, stem: str, path: Path) -> dict[str, Any] | None:
+    """The record a previous run wrote for ``path`` under ``stem``, or None if there is none (or it is another file's)."""
+    target = out_dir / f"{stem}.json"
+    if not target.is_file():
+        return None
+    try:
+        record = json.loads(target.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("image") == str(path) else None
+
+
+def summary_rows(records: Iterable[dict[str, Any]], class_names: Sequence[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """``predictions.csv``: one row per image with the gate, findings, box count, files and every class probability."""
+    header = ["image", "gate_probability", "gate_positive", "findings", "n_boxes", "top_box", "mask", "overlay", *class_names]
+    rows = []
+    for record in records:
+        top = max(record["boxes"], key=lambda b: b["score"], default=None)
+        rows.append({
+            "image": record["image"], "gate_probability": record["gate"]["probability"], "gate_positive": int(record["gate"]["positive"]),
+            "findings": "|".join(record.get("findings", [])), "n_boxes": len(record["boxes"]),
+            "top_box": f"{top['label']}:{top['score']}" if top else "", "mask": record["mask"] or "", "overlay": record.get("overlay", ""),
+            **{name: record["classes"].get(name, "") for name in class_names},
+        })
+    return header, rows
+
+
+def _write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def predict_files(
     predictor: Predictor,
-    paths: Iterable[str | Path],
+    paths: Iterable[str | Path | tuple[Path, Path]],
     out_dir: str | Path,
     batch_size: int = 8,
     progress: bool = True,
+    resume: bool = True,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Predict for every file; unreadable ones are logged (and listed in ``errors.csv``), the rest go on."""
+    """Predict for every file, writing per-image outputs, ``predictions.csv`` and ``errors.csv``.
+
+    ``paths`` are files, or ``(file, folder)`` pairs for files found by walking a folder (the output name is
+    the path within it). With ``resume`` an image whose JSON is already in ``out_dir`` is not predicted again,
+    so an interrupted run restarts where it stopped with nothing lost or duplicated. Unreadable files are
+    logged with their reason; the rest go on. Returns every image's record (old and new) and the errors.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [Path(p) for p in paths]
-    used: set[str] = set()
-    stems = [_unique_stem(p, used) for p in paths]
-    records: list[dict[str, Any]] = []
+    inputs = [(Path(p[0]), Path(p[1])) if isinstance(p, tuple) else (Path(p), Path(p).parent) for p in paths]
+    stems = output_stems(inputs)
+    records: dict[int, dict[str, Any]] = {}
+    if resume:
+        for index, ((path, _), stem) in enumerate(zip(inputs, stems)):
+            if (record := finished_record(out_dir, stem, path)) is not None:
+                records[index] = record
+    todo = [i for i in range(len(inputs)) if i not in records]
     errors: list[tuple[str, str]] = []
-    for start in tqdm(range(0, len(paths), batch_size), disable=not progress, desc="predict"):
-        prepared, prepared_stems = [], []
-        for path, stem in zip(paths[start : start + batch_size], stems[start : start + batch_size]):
+    bar = tqdm(total=len(inputs), initial=len(records), disable=not progress, desc="predict", unit="img")
+    for start in range(0, len(todo), batch_size):
+        prepared, slots = [], []
+        for index in todo[start : start + batch_size]:
+            path = inputs[index][0]
             try:
                 prepared.append(predictor.prepare(path))
-                prepared_stems.append(stem)
+                slots.append(index)
             except (ImageReadError, OSError, ValueError) as error:
                 log.warning("skipping %s", error)
                 errors.append((str(path), str(getattr(error, "reason", error))))
         if prepared:
-            for result, item, stem in zip(predictor.predict_prepared(prepared), prepared, prepared_stems):
-                records.append(write_result(result, item, out_dir, stem))
-    if errors:
-        with (out_dir / "errors.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "reason"])
-            writer.writerows(errors)
-    return records, errors
+            for result, item, index in zip(predictor.predict_prepared(prepared), prepared, slots):
+                records[index] = write_result(result, item, out_dir, stems[index])
+        bar.update(len(todo[start : start + batch_size]))
+        bar.set_postfix(errors=len(errors))
+    bar.close()
+    ordered = [records[i] for i in sorted(records)]
+    _write_csv(out_dir / "predictions.csv", *summary_rows(ordered, predictor.model.config.class_names))
+    if errors or (out_dir / "errors.csv").exists():
+        _write_csv(out_dir / "errors.csv", ["path", "reason"], [{"path": p, "reason": r} for p, r in errors])
+    return ordered, errors

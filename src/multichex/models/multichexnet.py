@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -69,11 +69,7 @@ class MultiCheXNet(nn.Module):
 
     def gate_probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Gate probability from the gate module or from the classifier's chosen classes."""
-        gate = self.config.gate
-        if gate.source == "module":
-            return torch.sigmoid(outputs["gate"])
-        indices = [self.config.class_names.index(c) for c in gate.classes]
-        return torch.sigmoid(outputs["cls"][:, indices]).max(dim=1).values
+        return gate_probability(self.config, outputs)
 
     @torch.inference_mode()
     def predict(
@@ -90,23 +86,51 @@ class MultiCheXNet(nn.Module):
         size = images.shape[-2:]
         features = self.encode(images)
         first = self.run_heads(features, ["cls"] + [t for t in self.gate_tasks() if t != "cls"], size)
-        gate_probs = self.gate_probability(first)
-        positive = gate_probs >= self.config.gate.threshold if use_gate else torch.ones_like(gate_probs, dtype=torch.bool)
-        batch = images.shape[0]
-        seg_probs: list[torch.Tensor | None] = [None] * batch
-        detections: list[Detections | None] = [None] * batch
-        for head in ("seg", "det"):
-            selected = positive if head in self.config.gate.gated_heads else torch.ones_like(positive)
-            index = torch.nonzero(selected).flatten()
-            if len(index) == 0:
-                continue
-            subset = [f[index] for f in features]
-            if head == "seg":
-                probs = torch.sigmoid(self.seg(subset, size))
-                for slot, value in zip(index.tolist(), probs):
-                    seg_probs[slot] = value
-            else:
-                decoded = self.det.postprocess(self.det(subset), self.config.image_size, score_threshold, iou_threshold)
-                for slot, value in zip(index.tolist(), decoded):
-                    detections[slot] = value
-        return GatedPrediction(torch.sigmoid(first["cls"]), gate_probs, positive, seg_probs, detections)
+
+        def run_head(head: str, index: torch.Tensor) -> torch.Tensor:
+            return self.run_heads([f[index] for f in features], [head], size)[head]
+
+        return assemble_prediction(self.config, first, self.gate_probability(first), run_head, self.det, use_gate, score_threshold, iou_threshold)
+
+
+def gate_probability(config: ModelConfig, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Gate probability from the gate logits or the maximum classifier probability over ``gate.classes``."""
+    if config.gate.source == "module":
+        return torch.sigmoid(outputs["gate"])
+    indices = [config.class_names.index(c) for c in config.gate.classes]
+    return torch.sigmoid(outputs["cls"][:, indices]).max(dim=1).values
+
+
+def assemble_prediction(
+    config: ModelConfig,
+    first: dict[str, torch.Tensor],
+    gate_probs: torch.Tensor,
+    run_head: Callable[[str, torch.Tensor], torch.Tensor],
+    detector: CheXDet,
+    use_gate: bool,
+    score_threshold: float,
+    iou_threshold: float,
+) -> GatedPrediction:
+    """The gate decision and the gated heads, shared by every runtime (PyTorch, ONNX Runtime).
+
+    ``first`` holds the classifier logits of the whole batch and ``gate_probs`` the gate's probabilities;
+    ``run_head(head, index)`` runs a head on the cached features of the images in ``index`` and returns its
+    raw output.
+    """
+    batch = len(gate_probs)
+    positive = gate_probs >= config.gate.threshold if use_gate else torch.ones_like(gate_probs, dtype=torch.bool)
+    seg_probs: list[torch.Tensor | None] = [None] * batch
+    detections: list[Detections | None] = [None] * batch
+    for head in ("seg", "det"):
+        selected = positive if head in config.gate.gated_heads else torch.ones_like(positive)
+        index = torch.nonzero(selected).flatten()
+        if len(index) == 0:
+            continue
+        raw = run_head(head, index)
+        if head == "seg":
+            for slot, value in zip(index.tolist(), torch.sigmoid(raw)):
+                seg_probs[slot] = value
+        else:
+            for slot, value in zip(index.tolist(), detector.postprocess(raw, config.image_size, score_threshold, iou_threshold)):
+                detections[slot] = value
+    return GatedPrediction(torch.sigmoid(first["cls"]), gate_probs, positive, seg_probs, detections)

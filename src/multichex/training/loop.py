@@ -24,6 +24,7 @@ from multichex.losses.multitask import MultiTaskLoss
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.checkpoint import read_checkpoint, restore_training_state, save_checkpoint, load_weights
 from multichex.models.config import TASKS
+from multichex.training import distributed
 from multichex.training.config import MODULES, TrainConfig
 from multichex.training.teacher_forcing import ForcingCounts, select_for_head
 
@@ -64,8 +65,32 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tor
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+LOSS_KEYS = ("cls", "gate", "seg", "det", "total")
+
+
+class _StepForward(torch.nn.Module):
+    """What DistributedDataParallel wraps: its forward is a whole training forward (standard or teacher
+    forced, losses included), so DDP sees every pass that needs gradient synchronisation and finds the
+    parameters a step leaves unused from the losses it returns. ``model`` is the plain network."""
+
+    def __init__(self, model: MultiCheXNet, forward) -> None:
+        super().__init__()
+        self.model = model
+        self._forward = forward
+
+    def forward(self, *args: Any) -> dict[str, torch.Tensor]:
+        return self._forward(*args)
+
+
 class Trainer:
-    """Trains a :class:`MultiCheXNet` on per-source data sets, writing ``last``/``best`` checkpoints and a CSV log."""
+    """Trains a :class:`MultiCheXNet` on per-source data sets, writing ``last``/``best`` checkpoints and a CSV log.
+
+    Under ``torchrun`` (see ``docs/distributed.md``) every rank builds the same Trainer: each reads its
+    shard of the data with ``batch_size`` images per step (a global batch of world × batch_size), gradients
+    are averaged by DistributedDataParallel, BatchNorm uses the global batch's statistics, and rank 0
+    alone validates and writes checkpoints, logs and tensorboard. ``self.model`` is always the plain
+    network (checkpoints keep their keys).
+    """
 
     def __init__(
         self,
@@ -78,12 +103,15 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        seed_everything(config.seed, config.deterministic)
+        self.distributed = distributed.init_from_env()
+        seed_everything(config.seed, config.deterministic)  # the same on every rank: same initial weights, same RNG stream
         if config.threads:
             torch.set_num_threads(config.threads)
         self.model = model or MultiCheXNet(config.model)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.distributed:
+            distributed.convert_sync_batchnorm(self.model)  # same parameter and buffer names: checkpoints unchanged
         self.train_sets = train_sets
         self.val_sets = val_sets or {}
         self.progress = progress
@@ -97,15 +125,20 @@ class Trainer:
         if config.schedule == "single" and len(train_sets) != 1:
             raise ValueError(f"schedule 'single' takes one data set, got {sorted(train_sets)}")
         schedule = JointBatches if config.schedule == "joint" else AlternatingBatches
-        self.batches = schedule(train_sets, config.batch_size, config.seed, config.num_workers)
+        self.batches = schedule(train_sets, config.batch_size, config.seed, config.num_workers, distributed.rank(), distributed.world_size())
         self.steps_per_epoch = config.steps_per_epoch or self.batches.default_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.epoch = 0
         self.best_score: float | None = None
         self.history: list[dict[str, Any]] = []
         self.skipped_batches = 0
-        self.writer = _tensorboard_writer(self.out_dir) if config.tensorboard else None
+        self.writer = _tensorboard_writer(self.out_dir) if config.tensorboard and distributed.is_main() else None
         self.forcing = ForcingCounts()
+        self._forward = self._forward_losses
+        if self.distributed:
+            # find_unused_parameters: a step trains only the heads its batch has labels for (the alternating
+            # schedule, teacher forcing), so which parameters get gradients changes from step to step.
+            self._forward = torch.nn.parallel.DistributedDataParallel(_StepForward(self.model, self._forward_losses), find_unused_parameters=True)
 
     def _lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at a global step: linear warm-up, then cosine decay to 1% (or constant)."""
@@ -142,7 +175,8 @@ class Trainer:
                     child.eval()
 
     def resume(self, path: str | Path | None = None) -> None:
-        """Continue from a ``last`` checkpoint: weights, optimizer, RNG, epoch, best score, history."""
+        """Continue from a ``last`` checkpoint: weights, optimizer, RNG, epoch, best score, history
+        (under torchrun every rank loads the same file; rank 0's RNG state is every rank's, see __init__)."""
         path = Path(path) if path else self.out_dir / "last.safetensors"
         header, tensors = read_checkpoint(path)
         load_weights(self.model, tensors, path)
@@ -155,6 +189,8 @@ class Trainer:
         log.info("resumed %s at epoch %d", path, self.epoch)
 
     def _checkpoint(self, name: str, with_optimizer: bool) -> Path:
+        if not distributed.is_main():  # rank 0 writes; the others hold the same weights
+            return self.out_dir / f"{name}.safetensors"
         extra = {
             "train_config": self.config.to_dict(),
             "trainer": {"epoch": self.epoch, "global_step": self.scheduler.last_epoch, "best_score": self.best_score, "history": self.history},
@@ -162,12 +198,63 @@ class Trainer:
         return save_checkpoint(self.out_dir / f"{name}.safetensors", self.model, extra, self.optimizer if with_optimizer else None)
 
     def train_step(self, batch) -> dict[str, float] | None:
-        tasks = self.loss.tasks_for(batch, self.trained_tasks)
+        """One optimisation step; returns the batch's losses (under torchrun: averaged over the ranks).
+
+        Under torchrun every rank must take part in each forward and backward (they hold collectives:
+        SyncBatchNorm, DDP's gradient all-reduce), so the ranks first agree on the step's tasks (those any
+        rank's batch has labels for) and skip a step together (no labels anywhere, an unreadable batch on
+        some rank, a non-finite loss on some rank).
+        """
+        tasks = self._step_tasks(batch)
         if not tasks:
             return None
         images = batch.images
         if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        losses = self._forward(images, batch, tasks)
+        placeholder = self._placeholder
+        if self.distributed:
+            nonfinite, report = self._reduce_losses(losses, placeholder)
+            if "total" not in report:  # no rank has a loss term: nobody runs backward
+                return None
+        else:
+            if "total" not in losses:
+                return None
+            nonfinite, report = not torch.isfinite(losses["total"]), None
+        total = losses["total"]
+        if nonfinite:
+            values = {k: float(v.detach()) for k, v in losses.items()} if not placeholder else {}
+            paths = [m["path"] for m in batch.meta][:3]
+            where = ""
+            if self.distributed:
+                local = not placeholder and not bool(torch.isfinite(total))
+                where = f" (rank {distributed.rank()}{'' if local else ': finite here, non-finite on another rank'}; every rank skips it)"
+            if self.config.on_nonfinite_loss == "stop":
+                raise FloatingPointError(f"non-finite loss {values} on batch {paths}{where} (epoch {self.epoch + 1})")
+            self.skipped_batches += 1
+            log.warning("non-finite loss %s on batch %s%s; batch skipped", values, paths, where)
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return report if report is not None else {k: float(v.detach()) for k, v in losses.items()}
+
+    def _step_tasks(self, batch) -> list[str]:
+        """The heads this step trains: those the batch has labels for (under torchrun: any rank's batch,
+        and none when some rank's batch is ``None``, i.e. had no readable image)."""
+        if not self.distributed:
+            return self.loss.tasks_for(batch, self.trained_tasks)
+        local = self.loss.tasks_for(batch, self.trained_tasks) if batch is not None else []
+        order = ("cls", "gate", "seg", "det")
+        flags = distributed.any_rank([batch is None] + [t in local for t in order])
+        if flags[0]:
+            return []
+        return [t for t, present in zip(order, flags[1:]) if present]
+
+    def _forward_losses(self, images: torch.Tensor, batch, tasks: list[str]) -> dict[str, torch.Tensor]:
+        """The forward pass of a step, losses included (under torchrun DDP calls this as its forward)."""
         forced = self.config.teacher_forcing
         if forced is None or not set(tasks) & set(forced.heads):
             outputs = self.model(images, tasks)
@@ -175,26 +262,35 @@ class Trainer:
         else:
             outputs, head_batches = self._forced_forward(images, batch, tasks)
             losses = self.loss(outputs, batch, head_batches)
-        if "total" not in losses:
-            return None
-        total = losses["total"]
-        if not torch.isfinite(total):
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            paths = [m["path"] for m in batch.meta][:3]
-            if self.config.on_nonfinite_loss == "stop":
-                raise FloatingPointError(f"non-finite loss {values} on batch {paths} (epoch {self.epoch + 1})")
-            self.skipped_batches += 1
-            log.warning("non-finite loss %s on batch %s; batch skipped", values, paths)
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        self._placeholder = False
+        if self.distributed:
+            # Every rank ran the same heads; an output this rank has no labels for still joins the loss, times
+            # zero, so all ranks run the same backward graph (SyncBatchNorm's backward all-reduces must pair up)
+            # and its parameters get zero gradient here (DDP averages in the other ranks' real gradients).
+            unused = [out for key, out in outputs.items() if key not in losses and out.requires_grad]
+            if unused:
+                zero = sum(0.0 * out.sum() for out in unused)
+                self._placeholder = "total" not in losses
+                losses["total"] = zero if self._placeholder else losses["total"] + zero
+        return losses
+
+    _placeholder = False  # the last forward's "total" is only the zero term above (this rank had no labels)
+
+    def _reduce_losses(self, losses: dict[str, torch.Tensor], placeholder: bool) -> tuple[bool, dict[str, float]]:
+        """Whether any rank's loss is non-finite, and each loss averaged over the ranks that have it."""
+        real = {} if placeholder else losses
+        stats = torch.zeros(2 * len(LOSS_KEYS) + 1, dtype=torch.float64)
+        for i, key in enumerate(LOSS_KEYS):
+            if key in real:
+                stats[2 * i], stats[2 * i + 1] = float(real[key].detach()), 1.0
+        stats[-1] = float("total" in real and not bool(torch.isfinite(real["total"])))
+        stats = distributed.all_reduce(stats)
+        report = {key: float(stats[2 * i] / stats[2 * i + 1]) for i, key in enumerate(LOSS_KEYS) if stats[2 * i + 1] > 0}
+        return bool(stats[-1] > 0), report
 
     def _forced_forward(self, images: torch.Tensor, batch, tasks: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """One encoder pass; the gated heads run only on the images teacher forcing selects."""
+        """One encoder pass; the gated heads run only on the images teacher forcing selects (under torchrun
+        a head runs on every rank, perhaps on no image, when it runs on any)."""
         forced = self.config.teacher_forcing
         size = images.shape[-2:]
         features = self.model.encode(images)
@@ -203,42 +299,48 @@ class Trainer:
             detached = [f.detach() for f in features]
             gate_passed = self.model.gate_probability(self.model.run_heads(detached, self.model.gate_tasks(), size)) >= self.model.config.gate.threshold
         rng = np.random.default_rng([self.config.seed, self.scheduler.last_epoch])
+        chosen = {head: select_for_head(batch, head, gate_passed, forced, rng, self.forcing) for head in tasks if head in forced.heads}
+        runs = distributed.any_rank([bool(c.any()) for c in chosen.values()])
         head_batches = {}
-        for head in (t for t in tasks if t in forced.heads):
-            chosen = select_for_head(batch, head, gate_passed, forced, rng, self.forcing)
-            if chosen.any():
-                rows = torch.nonzero(chosen).flatten()
+        for (head, rows_chosen), run in zip(chosen.items(), runs):
+            if run:
+                rows = torch.nonzero(rows_chosen).flatten()
                 outputs.update(self.model.run_heads([f[rows] for f in features], [head], size))
-                head_batches[head] = batch.select(chosen)
+                head_batches[head] = batch.select(rows_chosen)
         return outputs, head_batches
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train for the configured epochs (or until ``max_minutes``), validating after each epoch."""
+        """Train for the configured epochs (or until ``max_minutes``), validating after each epoch.
+
+        Under torchrun rank 0 alone validates and writes; the ranks meet after each epoch's writes and
+        at the end (when ``best`` is final, so a following phase can read it)."""
         start = time.monotonic()
         budget = self.config.max_minutes * 60 if self.config.max_minutes else math.inf
+        main = distributed.is_main()
         while self.epoch < self.config.epochs:
             self._train_mode()
             sums: dict[str, list[float]] = {}
             iterator = self.batches.epoch(self.epoch, self.steps_per_epoch)
-            bar = tqdm(iterator, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.progress, leave=False)
+            bar = tqdm(iterator, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                       disable=not (self.progress and main), leave=False)
             out_of_time = False
             for _, _, batch in bar:
-                if batch is None:
+                if batch is None and not self.distributed:  # under torchrun train_step makes every rank skip it
                     continue
                 losses = self.train_step(batch)
                 for key, value in (losses or {}).items():
                     sums.setdefault(key, []).append(value)
                 if losses:
                     bar.set_postfix(loss=f"{losses['total']:.3f}")
-                if time.monotonic() - start > budget:
+                if budget < math.inf and distributed.any_rank([time.monotonic() - start > budget])[0]:
                     out_of_time = True
                     break
             self.epoch += 1
             record: dict[str, Any] = {"epoch": self.epoch, "seconds": round(time.monotonic() - start, 1)}
             record.update({f"train_{k}": float(np.mean(v)) for k, v in sums.items()})
-            record.update(self.forcing.as_record())
+            record.update(self._forcing_record())
             self.forcing = ForcingCounts()
-            if self.val_sets:
+            if self.val_sets and main:
                 metrics = evaluate_datasets(self.model, self.val_sets, bootstrap=0)
                 score = score_of(metrics, self.trained_tasks)
                 record["val_score"] = score
@@ -254,14 +356,28 @@ class Trainer:
                         self.writer.add_scalar(key, value, self.epoch)
                 self.writer.flush()
             self._checkpoint("last", with_optimizer=True)
+            # Rank 0's RNG state (the one its checkpoint holds, and that a resume gives every rank) becomes
+            # every rank's, since its validation drew from it; this also waits for the writes above.
+            distributed.share_rng_state()
             if out_of_time:
                 log.info("time budget of %.1f min reached after epoch %d", self.config.max_minutes, self.epoch)
                 break
-        if not (self.out_dir / "best.safetensors").exists():
-            self._checkpoint("best", with_optimizer=False)
-        if self.val_sets and (self.config.select_gate_threshold or self.config.select_class_thresholds):
-            self.select_operating_points()
+        if main:
+            if not (self.out_dir / "best.safetensors").exists():
+                self._checkpoint("best", with_optimizer=False)
+            if self.val_sets and (self.config.select_gate_threshold or self.config.select_class_thresholds):
+                self.select_operating_points()
+        distributed.barrier()
         return self.history
+
+    def _forcing_record(self) -> dict[str, int]:
+        """Teacher-forcing counts of the epoch (under torchrun: summed over the ranks)."""
+        record = self.forcing.as_record()
+        if not self.distributed:
+            return record
+        keys = [f"tf_{head}_{name}" for head in ("seg", "det") for name in ("forced", "gated", "gated_negative")]
+        totals = distributed.all_reduce(torch.tensor([record.get(k, 0) for k in keys] + [k in record for k in keys], dtype=torch.float64))
+        return {key: int(totals[i]) for i, key in enumerate(keys) if totals[len(keys) + i] > 0}
 
     def select_operating_points(self) -> dict[str, Any]:
         """Choose the gate threshold and/or per-class thresholds of the ``best`` weights on the validation
@@ -296,6 +412,8 @@ class Trainer:
         return chosen
 
     def _write_log(self) -> None:
+        if not distributed.is_main():
+            return
         keys = sorted({k for record in self.history for k in record}, key=lambda k: (k != "epoch", k))
         with (self.out_dir / "log.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=keys)

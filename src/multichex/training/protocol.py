@@ -199,12 +199,21 @@ class ProtocolRunner:
         """Run (or, with ``resume``, finish) the protocol; returns per-phase held-out metrics.
 
         ``stop_after`` ends the run after that many phases (used to test resuming between phases).
+        Under torchrun every rank trains each phase; rank 0 alone writes (split, state, metrics) and
+        evaluates, and the other ranks return empty metrics.
         """
+        from multichex.training import distributed
+
+        distributed.init_from_env()
+        main = distributed.is_main()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not resume and self.state_path.exists():
             raise FileExistsError(f"{self.out_dir} already holds a protocol run; pass --resume to continue it or choose another --out")
         state = self.read_state()
-        atomic_write_text(self.out_dir / "protocol.json", json.dumps(self.protocol.to_dict(), indent=2))
+        if not main and self._split is None:
+            self._split = split_sources(self.protocol.base)  # the same split, computed here; rank 0 writes split.json
+        if main:
+            atomic_write_text(self.out_dir / "protocol.json", json.dumps(self.protocol.to_dict(), indent=2))
         for index, phase in enumerate(self.protocol.phases):
             if stop_after is not None and index >= stop_after:
                 break
@@ -220,22 +229,26 @@ class ProtocolRunner:
             trainer = Trainer(config, train, val, model=self.initial_model(index), progress=self.progress)
             if resume and (self.protocol.phase_dir(index) / "last.safetensors").exists():
                 trainer.resume()
-            trainer.fit()
+            trainer.fit()  # ends with every rank past rank 0's last write of this phase's checkpoints
             metrics = self.evaluate_phase(index, parts.get("test", {}))
             state["completed"].append(phase.name)
             state["metrics"][phase.name] = metrics
             state["seconds"][phase.name] = round(time.monotonic() - started, 1) + state["seconds"].get(phase.name, 0.0)
-            atomic_write_text(self.state_path, json.dumps(state, indent=2))
-        if len(state["completed"]) == len(self.protocol.phases):
+            if main:
+                atomic_write_text(self.state_path, json.dumps(state, indent=2))
+        if len(state["completed"]) == len(self.protocol.phases) and main:
             shutil.copyfile(self.protocol.phase_dir(len(self.protocol.phases) - 1) / "best.safetensors", self.out_dir / "final.safetensors")
             atomic_write_text(self.out_dir / "metrics.json", json.dumps(state["metrics"], indent=2))
         return state["metrics"]
 
     def evaluate_phase(self, index: int, test_sets: dict[str, CXRDataset]) -> dict[str, Any]:
-        """Held-out (test patients) metrics of the phase's best weights on its ``evaluate`` sources."""
+        """Held-out (test patients) metrics of the phase's best weights on its ``evaluate`` sources
+        (under torchrun: rank 0 only; the other ranks get ``{}``)."""
+        from multichex.training import distributed
+
         phase = self.protocol.phases[index]
         chosen = {k: d for k, d in test_sets.items() if k in (phase.evaluate or phase.sources)}
-        if not chosen:
+        if not chosen or not distributed.is_main():
             return {}
         model, _ = load_model(self.protocol.phase_dir(index) / "best.safetensors")
         metrics = evaluate_datasets(model, chosen, bootstrap=self.bootstrap, seed=self.protocol.base.seed, per_source=len(chosen) > 1)

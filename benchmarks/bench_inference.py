@@ -1,0 +1,205 @@
+"""Inference benchmark: eager vs channels_last vs ONNX Runtime, shared vs separate models, the gate's saving,
+and the web API under concurrent clients.
+
+Run from the repository root on an otherwise idle machine::
+
+    python benchmarks/bench_inference.py            # writes benchmarks/results/inference.{md,json}
+    python benchmarks/bench_inference.py --quick    # smoke run, writes inference_quick.{md,json}
+
+One process, ``torch.set_num_threads(--threads)`` and ONNX Runtime with the same number of intra-op threads,
+synthetic images (speed does not depend on the weights, except through the gate), warm-up calls excluded,
+medians and p50/p95 over the timed calls. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import io
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import (  # noqa: E402  (sibling script, not a package)
+    CL, CpuMonitor, bench_shared, build_model, log, machine_info, percentile, source_fingerprint, synthetic_images, time_calls,
+    wait_for_idle,
+)
+
+from multichex.inference.onnx_runtime import OnnxModel, export_onnx  # noqa: E402
+
+TARGET_ONNX_RATIO = 1.8  # ONNX Runtime / eager PyTorch throughput, 256 px
+TARGET_SHARED_RATIO = 2.5
+
+
+def latency(times: list[float], images: int) -> dict:
+    return {"p50_ms": 1000 * percentile(times, 50), "p95_ms": 1000 * percentile(times, 95), "images_per_s": images / percentile(times, 50),
+            "calls": len(times)}
+
+
+def bench_runtimes(size: int, quick: bool, threads: int, gen: torch.Generator) -> dict:
+    """Full 3-task prediction (gate off, every head on every image) per runtime, batch 1 and batch 8."""
+    model = build_model("lite", size, gated_heads=["seg", "det"]).eval()
+    eager = build_model("lite", size, gated_heads=["seg", "det"]).eval().to(memory_format=torch.contiguous_format)
+    eager.load_state_dict(model.state_dict())
+    with tempfile.TemporaryDirectory() as folder:
+        export_onnx(model, Path(folder) / "model.onnx")
+        onnx = OnnxModel(Path(folder) / "model.onnx", threads=threads)
+        runners = {
+            "eager": (eager, lambda x: x.contiguous()),
+            "channels_last": (model, lambda x: x.contiguous(memory_format=CL)),
+            "onnxruntime": (onnx, lambda x: x.contiguous()),
+        }
+        result: dict = {}
+        for batch in (1, 8):
+            images = synthetic_images(batch, size, gen)
+            warmup, repeats = (2, 5) if quick else ((5, 60) if batch == 1 else (2, 12))
+            for name, (runner, layout) in runners.items():
+                x = layout(images)
+                monitor = CpuMonitor()
+                monitor.start()
+                times = time_calls(lambda: runner.predict(x, use_gate=False), warmup, repeats)
+                result.setdefault(name, {})[f"batch{batch}"] = {**latency(times, batch), "foreign_cores": monitor.stop()}
+    for batch in ("batch1", "batch8"):
+        base = result["eager"][batch]["images_per_s"]
+        for name in result:
+            result[name][batch]["vs_eager"] = result[name][batch]["images_per_s"] / base
+    return result
+
+
+def bench_gate_saving(size: int, quick: bool, gen: torch.Generator) -> dict:
+    """Gated prediction (channels_last) when a fraction of the batch is gate-negative (forced gate)."""
+    model = build_model("lite", size, gated_heads=["seg", "det"]).eval()
+    images = synthetic_images(8, size, gen)
+    rows = {}
+    for negative in (0.0, 0.5, 0.9):
+        decided = torch.tensor([0.9 if i >= round(8 * negative) else 0.1 for i in range(8)])
+        model.gate_probability = lambda outputs, decided=decided: decided.clone()  # type: ignore[method-assign]
+        times = time_calls(lambda: model.predict(images), *((2, 3) if quick else (2, 12)))
+        rows[f"{int(negative * 100)}%"] = latency(times, 8)
+    full = rows["0%"]["images_per_s"]
+    for row in rows.values():
+        row["speed_up"] = row["images_per_s"] / full
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_web_api(quick: bool, clients: int = 8) -> dict:
+    """POST /predict from ``clients`` concurrent clients against a local server (a real PNG, 256 px model)."""
+    import httpx
+    import uvicorn
+
+    from multichex.data.sources import bundled_sample_root
+    from multichex.inference.predictor import Predictor
+    from multichex.serve import create_app
+    from multichex.training.checkpoint import save_checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "model.safetensors"
+        save_checkpoint(checkpoint, build_model("lite", 256, gated_heads=["det"]).eval())
+        app = create_app(Predictor.from_checkpoint(checkpoint), workers=2, max_queue=64)
+        port = _free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        image = sorted((bundled_sample_root() / "covid-chestxray" / "images").glob("*.png"))[0].read_bytes()
+        total = 16 if quick else 96
+        url = f"http://127.0.0.1:{port}/predict"
+
+        def one(_: int) -> float:
+            started = time.perf_counter()
+            response = httpx.post(url, files={"file": ("x.png", image, "image/png")}, timeout=120)
+            response.raise_for_status()
+            return time.perf_counter() - started
+
+        one(0)  # warm-up
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            times = list(pool.map(one, range(total)))
+        wall = time.perf_counter() - started
+        server.should_exit = True
+        thread.join(timeout=10)
+    return {"clients": clients, "requests": total, "requests_per_s": total / wall, "p50_ms": 1000 * percentile(times, 50),
+            "p95_ms": 1000 * percentile(times, 95), "server_workers": 2}
+
+
+def render(report: dict) -> str:
+    lines = [f"# Inference benchmark ({report['date']})", "", f"Machine: {report['machine']['cpu_model']}, {report['threads']} threads; "
+             f"code {report['code']}; idle check: {report['idle']}.", "",
+             "## 1. Runtimes (full 3-task prediction, gate off)", "",
+             "| size | runtime | batch 1 p50 ms | batch 1 p95 ms | batch 1 img/s | batch 8 img/s | vs eager (b1 / b8) |", "|---|---|---|---|---|---|---|"]
+    for size, runtimes in report["runtimes"].items():
+        for name, r in runtimes.items():
+            lines.append(f"| {size} | {name} | {r['batch1']['p50_ms']:.1f} | {r['batch1']['p95_ms']:.1f} | {r['batch1']['images_per_s']:.1f} | "
+                         f"{r['batch8']['images_per_s']:.1f} | {r['batch1']['vs_eager']:.2f}× / {r['batch8']['vs_eager']:.2f}× |")
+    shared = report["shared"]["batches"]
+    lines += ["", "## 2. One shared 3-task pass vs three single-task models (256 px, channels_last)", "",
+              "| batch | shared ms | separate ms | ratio |", "|---|---|---|---|"]
+    for batch, row in shared.items():
+        lines.append(f"| {batch} | {1000 * row['shared']['median_s']:.1f} | {1000 * row['separate']['median_s']:.1f} | {row['ratio']:.2f}× |")
+    lines += ["", "## 3. The gate's saving (batch 8, 256 px, seg + det gated)", "", "| gate-negative images | img/s | p50 ms | speed-up |", "|---|---|---|---|"]
+    for share, row in report["gate"].items():
+        lines.append(f"| {share} | {row['images_per_s']:.1f} | {row['p50_ms']:.1f} | {row['speed_up']:.2f}× |")
+    web = report.get("web")
+    if web:
+        lines += ["", f"## 4. Web API: {web['clients']} concurrent clients, {web['requests']} POST /predict (256 px model, 2 server workers)", "",
+                  f"{web['requests_per_s']:.1f} requests/s; latency p50 {web['p50_ms']:.0f} ms, p95 {web['p95_ms']:.0f} ms.", ""]
+    lines += ["", "## Targets", "", "| target | measured | pass |", "|---|---|---|"]
+    for target in report["targets"]:
+        lines.append(f"| {target['name']} | {target['value']:.2f} | {'yes' if target['pass'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--max-wait-idle", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    idle = wait_for_idle(0 if args.quick else args.max_wait_idle)
+    report: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "threads": args.threads, "machine": machine_info(args.threads),
+                    "code": source_fingerprint(), "idle": idle}
+    log("runtimes")
+    report["runtimes"] = {str(size): bench_runtimes(size, args.quick, args.threads, gen) for size in args.sizes}
+    log("shared vs separate")
+    report["shared"] = bench_shared(256, args.quick, gen)
+    log("gate saving")
+    report["gate"] = bench_gate_saving(256, args.quick, gen)
+    log("web API")
+    report["web"] = bench_web_api(args.quick)
+    onnx_ratio = report["runtimes"].get("256", {}).get("onnxruntime", {}).get("batch8", {}).get("vs_eager", float("nan"))
+    shared_ratio = min(row["ratio"] for row in report["shared"]["batches"].values())
+    report["targets"] = [
+        {"name": f"ONNX Runtime / eager throughput, 256 px, batch 8 (≥ {TARGET_ONNX_RATIO})", "value": onnx_ratio, "pass": onnx_ratio >= TARGET_ONNX_RATIO},
+        {"name": f"three separate models / shared pass, worst batch (≥ {TARGET_SHARED_RATIO})", "value": shared_ratio, "pass": shared_ratio >= TARGET_SHARED_RATIO},
+    ]
+    name = "inference_quick" if args.quick else "inference"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2, default=float))
+    (args.out / f"{name}.md").write_text(render(report))
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
