@@ -69,9 +69,15 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group (only if :func:`init_from_env` created it)."""
+    """Leave the process group (only if :func:`init_from_env` created it), once every rank is done.
+
+    The barrier matters: a rank that tore down its gloo connections while rank 0 was still evaluating was
+    seen to abort at exit ("terminate called without an active exception").
+    """
     global _owned
     if _owned and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
     _owned = False
 
