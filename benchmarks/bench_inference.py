@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime as dt
-import io
 import json
 import socket
 import sys
@@ -25,9 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import (  # noqa: E402  (sibling script, not a package)

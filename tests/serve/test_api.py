@@ -10,34 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from multichex import CLINICAL_DISCLAIMER
-from multichex.data.sources import bundled_sample_root
 from multichex.inference.predictor import Predictor
-from multichex.models.config import ModelConfig
-from multichex.models.multichexnet import MultiCheXNet
 from multichex.serve import create_app
 from multichex.serve import app as serve_app
-from multichex.training.checkpoint import save_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def predictor(tmp_path_factory) -> Predictor:
-    """Tiny untrained 64 px model, loaded back from a real checkpoint."""
-    path = tmp_path_factory.mktemp("serve-model") / "m.safetensors"
-    torch.manual_seed(0)
-    save_checkpoint(path, MultiCheXNet(ModelConfig(encoder="lite-small", image_size=64)))
-    return Predictor.from_checkpoint(path)
-
-
-@pytest.fixture(scope="module")
-def xray() -> Path:
-    """A real bundled chest X-ray (PNG)."""
-    return sorted((bundled_sample_root() / "covid-chestxray" / "images").glob("*.png"))[0]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +152,7 @@ def test_results_refuse_traversal_and_unknown_names(client, xray):
         f"/results/{result_id.upper()}/{body['overlay']}",
         f"/results/{'0' * 32}/{body['overlay']}",
         f"/results/not-a-result/{body['overlay']}",
-        f"/results/..%2F..%2Fetc/passwd",
+        "/results/..%2F..%2Fetc/passwd",
         "/results/%2E%2E/uploads",
     ]
     for url in bad:
@@ -266,23 +246,7 @@ def test_invalid_settings_are_refused(predictor):
         create_app(predictor, max_queue=0)
 
 
-def add_fake_heatmap(monkeypatch) -> None:
-    """Make predict_files also write a Grad-CAM-style ``<stem>_cam_0.png`` and list it under ``heatmaps``."""
-    real_predict_files = serve_app.predict_files
-
-    def with_heatmap(predictor, paths, out_dir, **kwargs):
-        records, errors = real_predict_files(predictor, paths, out_dir, **kwargs)
-        for record in records:
-            name = record["overlay"].replace("_overlay.png", "_cam_0.png")
-            (Path(out_dir) / name).write_bytes((Path(out_dir) / record["overlay"]).read_bytes())
-            record["heatmaps"] = {"Mass": name}
-        return records, errors
-
-    monkeypatch.setattr(serve_app, "predict_files", with_heatmap)
-
-
-def test_heatmaps_get_urls_when_present(client, xray, monkeypatch):
-    add_fake_heatmap(monkeypatch)
+def test_heatmaps_get_urls_when_present(client, xray, fake_heatmaps):
     body = post(client, xray.name, xray.read_bytes()).json()
     url = body["urls"]["heatmaps"]["Mass"]
     assert url == f"/results/{body['result_id']}/{body['heatmaps']['Mass']}"

@@ -14,15 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import uvicorn
 
 from multichex.data.sources import bundled_sample_root
-from multichex.inference.predictor import Predictor
-from multichex.models.config import ModelConfig
-from multichex.models.multichexnet import MultiCheXNet
 from multichex.serve import create_app
-from multichex.training.checkpoint import save_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -30,12 +25,9 @@ WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory) -> Iterator[str]:
+def server_url(predictor) -> Iterator[str]:
     """A real uvicorn server with a tiny 64 px model, on a free port of 127.0.0.1, in a thread."""
-    path = tmp_path_factory.mktemp("serve-browser-model") / "m.safetensors"
-    torch.manual_seed(0)
-    save_checkpoint(path, MultiCheXNet(ModelConfig(encoder="lite-small", image_size=64)))
-    app = create_app(Predictor.from_checkpoint(path))
+    app = create_app(predictor)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # port 0: the OS picks a free one; uvicorn serves on this very socket
@@ -125,25 +117,11 @@ def test_page_shows_server_errors(server_url, driver, tmp_path):
     assert "415" in error.text and "not PNG, JPEG or DICOM" in error.text
 
 
-def test_heatmap_toggle_switches_the_image(server_url, driver, monkeypatch):
+def test_heatmap_toggle_switches_the_image(server_url, driver, xray, fake_heatmaps):
     """With ``urls.heatmaps`` non-empty the toggle is enabled and swaps the displayed image."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from multichex.serve import app as serve_app
-
-    real_predict_files = serve_app.predict_files
-
-    def with_heatmap(predictor, paths, out_dir, **kwargs):
-        records, errors = real_predict_files(predictor, paths, out_dir, **kwargs)
-        for record in records:
-            name = record["overlay"].replace("_overlay.png", "_cam_0.png")
-            (Path(out_dir) / name).write_bytes((Path(out_dir) / record["overlay"]).read_bytes())
-            record["heatmaps"] = {"Mass": name}
-        return records, errors
-
-    monkeypatch.setattr(serve_app, "predict_files", with_heatmap)
-    xray = sorted((bundled_sample_root() / "covid-chestxray" / "images").glob("*.png"))[0]
     driver.get(server_url + "/")
     driver.find_element(By.ID, "file-input").send_keys(str(xray))
     WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "status").text == "done")

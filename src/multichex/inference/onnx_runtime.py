@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from multichex.models.config import ModelConfig
-from multichex.models.encoders import get_encoder
 from multichex.models.heads.detection import CheXDet
 from multichex.models.multichexnet import GatedPrediction, MultiCheXNet, assemble_prediction, gate_probability
 
