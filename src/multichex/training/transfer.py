@@ -88,7 +88,6 @@ def run_transfer(
     No validation images are used: a k-shot run sees k labels per class and nothing else, so each run trains
     its configured steps and is scored as it ends. Writes ``OUT/transfer.json`` and ``OUT/transfer.md``.
     """
-    from multichex.data.sources import CXRDataset
     from multichex.evaluation.evaluate import evaluate_datasets
     from multichex.training.checkpoint import load_model
     from multichex.training.data import make_datasets, split_sources
@@ -115,10 +114,8 @@ def run_transfer(
         refs = few_shot_refs(train_refs, classes, k, config.seed)
         run_dir = out_dir / f"shots-{k or 'all'}"
         run_config = replace(config, trainable=trainable, out_dir=str(run_dir), model=model.config, schedule="joint")
-        train_set = CXRDataset(refs, classes, run_config.model.box_classes, run_config.model.image_size,
-                               augment=run_config.augment, seed=run_config.seed)
         started = time.monotonic()
-        Trainer(run_config, {"train": train_set}, None, model=model, progress=progress).fit()
+        Trainer(run_config, make_datasets(run_config, {"train": refs}, train=True), None, model=model, progress=progress).fit()
         model, _ = load_model(run_dir / "best.safetensors")
         metrics = evaluate_datasets(model, test_sets, bootstrap=bootstrap, seed=config.seed)
         cls = metrics.get("classification", {})
