@@ -79,6 +79,7 @@ def export_onnx(model: MultiCheXNet, path: str | Path, opset: int = 18, batch_ex
         "encoder_channels": list(model.encoder.out_channels),
         "graphs": {name: p.name for name, p in paths.items() if name != "meta"},
         "opset": opset,
+        "precision": "float32",
         "torch": torch.__version__,
     }
     paths["meta"].write_text(json.dumps(meta, indent=2))
@@ -105,6 +106,7 @@ class OnnxModel:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{paths['meta']}: not a multichex ONNX export (format {meta.get('format')!r})")
         self.config = ModelConfig.from_dict(meta["model"])
+        self.precision = meta.get("precision", "float32")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

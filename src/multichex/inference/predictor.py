@@ -51,6 +51,15 @@ class PreparedImage:
     letterbox: Letterbox
 
 
+def prepare_image(path: str | Path, size: int) -> PreparedImage:
+    """Read an image file and letterbox its normalised intensities into the model's ``size``×``size`` input."""
+    loaded = read_image(path)
+    height, width = loaded.array.shape
+    letterbox = Letterbox.fit(height, width, size)
+    tensor = letterbox.apply_image(torch.from_numpy(normalize_intensity(loaded.array))[None]).clamp(0, 1)
+    return PreparedImage(Path(path), loaded, tensor, letterbox)
+
+
 class Predictor:
     """Loads a checkpoint once and predicts for files, arrays or batches."""
 
@@ -75,11 +84,7 @@ class Predictor:
         return self.model.config.image_size
 
     def prepare(self, path: str | Path) -> PreparedImage:
-        loaded = read_image(path)
-        height, width = loaded.array.shape
-        letterbox = Letterbox.fit(height, width, self.size)
-        tensor = letterbox.apply_image(torch.from_numpy(normalize_intensity(loaded.array))[None]).clamp(0, 1)
-        return PreparedImage(Path(path), loaded, tensor, letterbox)
+        return prepare_image(path, self.size)
 
     def predict_prepared(self, items: Sequence[PreparedImage]) -> list[dict[str, Any]]:
         """Results (original-image coordinates) for already prepared images, in one gated batch."""
