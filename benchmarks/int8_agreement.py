@@ -1,0 +1,54 @@
+"""How closely an int8 export reproduces its PyTorch checkpoint on real X-rays it was not calibrated on.
+
+    python benchmarks/int8_agreement.py --checkpoint runs/demo/best.safetensors --images ../shared/data/nih-cxr14-bbox
+
+Calibrates on the even-numbered files (64 at most), measures on the odd-numbered ones (96 at most), and
+writes benchmarks/results/int8_agreement.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from multichex.data.io import list_images
+from multichex.inference.onnx_runtime import OnnxModel
+from multichex.inference.quantize import agreement, calibration_images, quantize_onnx
+from multichex.training.checkpoint import load_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--method", default="minmax")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    model, _ = load_model(args.checkpoint)
+    files = list_images(args.images)
+    calibration, _ = calibration_images(files[::2], model.config.image_size, 64)
+    held_out, _ = calibration_images(files[1::2], model.config.image_size, 96)
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        quantize_onnx(model, Path(folder) / "model.onnx", calibration, method=args.method)
+        seconds = time.perf_counter() - started
+        measured = agreement(model, OnnxModel(Path(folder) / "model.onnx", threads=2), held_out)
+    report = {"checkpoint": str(args.checkpoint), "image_folder": str(args.images), "method": args.method,
+              "calibration_images": len(calibration), "quantize_seconds": round(seconds, 1), **measured}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "int8_agreement.json").write_text(json.dumps(report, indent=2))
+    lines = ["# Int8 export vs PyTorch on held-out real X-rays", "", "| measure | value |", "|---|---|"]
+    lines += [f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in report.items()]
+    (args.out / "int8_agreement.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
