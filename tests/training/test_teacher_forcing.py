@@ -8,7 +8,6 @@ import torch
 
 from multichex.data.record import CXRSample, collate_samples
 from multichex.models.config import GateConfig, ModelConfig
-from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.config import TeacherForcingConfig, TrainConfig
 from multichex.training.loop import Trainer
 from multichex.training.teacher_forcing import ForcingCounts, ground_truth_positive, select_for_head

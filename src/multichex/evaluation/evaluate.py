@@ -12,8 +12,11 @@ from torch.utils.data import DataLoader
 from multichex.data.record import collate_samples
 from multichex.data.sources import CXRDataset
 from multichex.evaluation.bootstrap import bootstrap_ci, bootstrap_statistic, bootstrap_statistics
-from multichex.evaluation.metrics import classification_metrics, detection_map, dice_per_image
+from multichex.evaluation.metrics import classification_metrics, detection_map, segmentation_scores
 from multichex.models.multichexnet import MultiCheXNet
+
+
+SEGMENTATION_KEYS = ("dice", "jaccard", "avg_hausdorff", "ssim")  # per-image lists of Collected, keys of metrics["segmentation"]
 
 
 @dataclass
@@ -26,7 +29,10 @@ class Collected:
     gate_probs: list[float] = field(default_factory=list)
     gate_labels: list[float] = field(default_factory=list)
     dice: list[float] = field(default_factory=list)
-    dice_patients: list[str] = field(default_factory=list)
+    jaccard: list[float] = field(default_factory=list)
+    avg_hausdorff: list[float] = field(default_factory=list)  # pixels; NaN when exactly one mask is empty
+    ssim: list[float] = field(default_factory=list)
+    dice_patients: list[str] = field(default_factory=list)  # patient of each entry of dice/jaccard/avg_hausdorff/ssim
     det: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("boxes", "scores", "labels", "gt_boxes", "gt_labels", "patients", "gate_passed")})
 
     @classmethod
@@ -34,7 +40,7 @@ class Collected:
         """One collection holding the images of every part (e.g. per-source collections)."""
         merged = cls()
         for part in parts:
-            for name in ("patients", "probs", "labels", "gate_probs", "gate_labels", "dice", "dice_patients"):
+            for name in ("patients", "probs", "labels", "gate_probs", "gate_labels", *SEGMENTATION_KEYS, "dice_patients"):
                 getattr(merged, name).extend(getattr(part, name))
             for key, values in part.det.items():
                 merged.det[key].extend(values)
@@ -56,7 +62,7 @@ def collect(model: MultiCheXNet, datasets: dict[str, CXRDataset], batch_size: in
             tasks = ["cls", "gate"] + (["seg"] if batch.has_mask.any() else []) + (["det"] if batch.has_boxes.any() else [])
             outputs = model(batch.images, tasks)
             out.patients += patients
-            out.probs.append(torch.sigmoid(outputs["cls"]))
+            out.probs.append(model.class_probabilities(outputs["cls"]))
             out.labels.append(batch.labels)
             gate_probs = model.gate_probability(outputs)
             out.gate_probs += gate_probs.tolist()
@@ -64,7 +70,8 @@ def collect(model: MultiCheXNet, datasets: dict[str, CXRDataset], batch_size: in
             if "seg" in outputs:
                 has = batch.has_mask
                 predicted = (torch.sigmoid(outputs["seg"][has]) >= seg_threshold).float()
-                out.dice += dice_per_image(predicted, batch.masks[has]).tolist()
+                for key, values in segmentation_scores(predicted, batch.masks[has]).items():
+                    getattr(out, key).extend(values.tolist())
                 out.dice_patients += [p for p, h in zip(patients, has.tolist()) if h]
             if "det" in outputs:
                 keep = torch.nonzero(batch.has_boxes).flatten().tolist()
@@ -91,18 +98,21 @@ def summarize(
 ) -> dict[str, Any]:
     """Metrics per head; with ``bootstrap > 0``, 95% CIs from resampling patients (not images).
 
-    Accuracy and F1 use ``class_thresholds`` (chosen on validation; 0.5 when None) and the gate's threshold.
+    Accuracy, F1, precision, recall and F1-N use ``class_thresholds`` (chosen on validation; 0.5 when
+    None) and the gate's threshold. Every macro classification metric gets a ``macro_<name>`` interval;
+    ``segmentation`` has a ``{"value", "low", "high", ...}`` entry per key of ``SEGMENTATION_KEYS``
+    (mean over images; NaN values, i.e. an undefined average Hausdorff distance, are left out).
     """
     thresholds = class_thresholds if class_thresholds is not None else 0.5
     metrics: dict[str, Any] = {}
     if out.probs:
         probs, labels = torch.cat(out.probs), torch.cat(out.labels)
-        cls = classification_metrics(probs, labels, class_names, thresholds)
+        cls = classification_metrics(probs, labels, class_names, thresholds, extended=True)
         intervals = {f"macro_{k}": {"value": v} for k, v in cls["macro"].items()}
         if bootstrap and any(v is not None for v in cls["macro"].values()):
             intervals = {
                 f"macro_{k}": _interval(v) for k, v in bootstrap_statistics(
-                    out.patients, lambda idx: classification_metrics(probs[idx], labels[idx], class_names, thresholds)["macro"],
+                    out.patients, lambda idx: classification_metrics(probs[idx], labels[idx], class_names, thresholds, extended=True)["macro"],
                     n_resamples=bootstrap, seed=seed,
                 ).items()
             }
@@ -117,9 +127,18 @@ def summarize(
             gate_interval = _interval(bootstrap_statistic(out.patients, lambda idx: gate_metrics(idx)["auroc"], n_resamples=bootstrap, seed=seed))
         metrics["gate"] = {"auroc": gate_interval, "accuracy": gate["accuracy"], "f1": gate["f1"], "n_known": gate["n_known"]}
     if out.dice:
-        values = np.asarray(out.dice, dtype=float)
-        dice = _interval(bootstrap_ci(values, out.dice_patients, n_resamples=bootstrap, seed=seed)) if bootstrap else {"value": float(values.mean())}
-        metrics["segmentation"] = {"dice": dice, "n_images": len(values), "n_patients": len(set(out.dice_patients))}
+        segmentation: dict[str, Any] = {}
+        for key in SEGMENTATION_KEYS:
+            per_image = getattr(out, key)
+            if len(per_image) != len(out.dice):  # e.g. a hand-built collection with Dice only
+                continue
+            values = np.asarray(per_image, dtype=float)
+            if bootstrap:
+                segmentation[key] = _interval(bootstrap_ci(values, out.dice_patients, n_resamples=bootstrap, seed=seed))
+            else:
+                finite = values[np.isfinite(values)]
+                segmentation[key] = {"value": float(finite.mean()) if finite.size else None}
+        metrics["segmentation"] = {**segmentation, "n_images": len(out.dice), "n_patients": len(set(out.dice_patients))}
     if out.det["gt_boxes"]:
         metrics["detection"] = _detection_summary(out.det, box_classes, bootstrap, seed)
     return metrics

@@ -6,6 +6,7 @@ All functions return plain Python floats / ints / ``None`` so results can go str
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,10 +15,21 @@ import torch
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
-from monai.metrics import DiceMetric
-from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
+from monai.metrics import DiceMetric, compute_average_surface_distance
+from skimage.metrics import structural_similarity
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score, binary_stat_scores
 
-__all__ = ["classification_metrics", "dice_per_image", "detection_map"]
+__all__ = [
+    "classification_metrics",
+    "dice_per_image",
+    "detection_map",
+    "average_hausdorff_per_image",
+    "jaccard_per_image",
+    "segmentation_scores",
+    "ssim_per_image",
+]
+
+EXTENDED_KEYS = ("precision", "recall", "f1_negative")
 
 
 def _to_float(x: Any) -> float | None:
@@ -44,8 +56,10 @@ def classification_metrics(
     labels: torch.Tensor,
     class_names: list[str],
     threshold: float | Sequence[float] = 0.5,
+    extended: bool = False,
 ) -> dict[str, Any]:
-    """Per-class AUROC / accuracy / F1 for multi-label outputs with unknown labels.
+    """Per-class AUROC / accuracy / F1 (and optionally precision / recall / F1-N) for multi-label
+    outputs with unknown labels.
 
     Args:
         probs: ``B×C`` probabilities in [0, 1].
@@ -53,12 +67,19 @@ def classification_metrics(
         class_names: ``C`` names, used as keys of ``per_class``.
         threshold: a probability strictly above it counts as a positive prediction (torchmetrics'
             convention; used for accuracy and F1); one value, or one per class (chosen on validation).
+        extended: also report, at the same threshold, ``precision`` and ``recall`` of the positive
+            class and ``f1_negative`` (F1 of the negative class, "F1-N"; ``f1`` is F1-P), per class
+            and as macro averages. Off by default so the result keeps its historic keys.
 
     Returns:
         ``{"per_class": {name: {"auroc", "accuracy", "f1", "n_known", "n_positive"}},
-        "macro": {"auroc", "accuracy", "f1"}}``. ``auroc`` is ``None`` when the known rows of that
-        class have no positives or no negatives; ``accuracy``/``f1`` are ``None`` when no row is
-        known. Macro values average the classes where the metric is defined (``None`` if none).
+        "macro": {"auroc", "accuracy", "f1"}}`` (+ ``"precision", "recall", "f1_negative"`` in both
+        with ``extended``). ``auroc`` is ``None`` when the known rows of that class have no positives
+        or no negatives; ``accuracy``/``f1`` are ``None`` when no row is known (``f1`` is 0 when it
+        has no true positive, torchmetrics' convention). ``precision`` is ``None`` with no predicted
+        positive, ``recall`` with no known positive, ``f1_negative`` when every known row is a true
+        positive (no negatives, none predicted). Macro values average the classes where the metric
+        is defined (``None`` if none).
     """
     probs = torch.as_tensor(probs, dtype=torch.float32).detach().cpu()
     labels = torch.as_tensor(labels, dtype=torch.float32).detach().cpu()
@@ -85,12 +106,30 @@ def classification_metrics(
             entry["f1"] = _to_float(binary_f1_score(p, y, threshold=thresholds[c]))
             if 0 < n_pos < n_known:  # AUROC is undefined with a single class among known rows
                 entry["auroc"] = _to_float(binary_auroc(p, y))
+        if extended:
+            entry.update(_precision_recall_f1n(p, y, thresholds[c]))
         per_class[name] = entry
 
-    macro = {
-        key: _mean_defined([m[key] for m in per_class.values()]) for key in ("auroc", "accuracy", "f1")
-    }
+    keys = ("auroc", "accuracy", "f1") + (EXTENDED_KEYS if extended else ())
+    macro = {key: _mean_defined([m[key] for m in per_class.values()]) for key in keys}
     return {"per_class": per_class, "macro": macro}
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den > 0 else None
+
+
+def _precision_recall_f1n(p: torch.Tensor, y: torch.Tensor, threshold: float) -> dict[str, float | None]:
+    """Precision / recall (positive class) and F1 of the negative class from torchmetrics' confusion
+    counts at ``threshold`` (strictly above = positive); ``None`` where a ratio has a zero denominator."""
+    if len(y) == 0:
+        return dict.fromkeys(EXTENDED_KEYS)
+    tp, fp, tn, fn, _ = (float(v) for v in binary_stat_scores(p, y, threshold=threshold, validate_args=False).tolist())
+    return {
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "f1_negative": _ratio(2 * tn, 2 * tn + fn + fp),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,6 +161,87 @@ def dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     both_empty = (pred_b.flatten(1).sum(1) == 0) & (target_b.flatten(1).sum(1) == 0)
     dice = torch.where(torch.isnan(dice) & both_empty, torch.ones_like(dice), dice)
     return torch.nan_to_num(dice, nan=0.0)
+
+
+def _binary_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both masks as bool ``B×1×H×W`` on the CPU (``B×H×W`` gets a channel dimension)."""
+    pred_b = torch.as_tensor(pred).detach().cpu() > 0.5
+    target_b = torch.as_tensor(target).detach().cpu() > 0.5
+    if pred_b.shape != target_b.shape:
+        raise ValueError(f"pred {tuple(pred_b.shape)} and target {tuple(target_b.shape)} differ in shape")
+    if pred_b.ndim == 3:
+        pred_b, target_b = pred_b[:, None], target_b[:, None]
+    if pred_b.ndim != 4 or pred_b.shape[1] != 1:
+        raise ValueError(f"expected binary masks B×1×H×W or B×H×W, got {tuple(pred_b.shape)}")
+    return pred_b, target_b
+
+
+def jaccard_per_image(pred: torch.Tensor, target: torch.Tensor, dice: torch.Tensor | None = None) -> torch.Tensor:
+    """Jaccard index (IoU) per image from Dice, ``J = D / (2 - D)``; 1 when both masks are empty
+    (as Dice). Pass ``dice`` from :func:`dice_per_image` to avoid recomputing it."""
+    d = dice_per_image(pred, target) if dice is None else torch.as_tensor(dice, dtype=torch.float32)
+    return d / (2.0 - d)
+
+
+def average_hausdorff_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Average Hausdorff distance per image, in pixels: MONAI's symmetric average surface distance.
+
+    The boundary pixels of each mask are found by MONAI (mask minus its erosion); the value is the
+    mean of the Euclidean distances from every boundary pixel of one mask to the nearest boundary
+    pixel of the other, pooled over both directions. Both masks empty → 0; exactly one empty →
+    NaN (undefined; skipped by ``np.nanmean`` and by the summaries).
+    """
+    pred_b, target_b = _binary_pair(pred, target)
+    pred_any = pred_b.flatten(1).any(1)
+    target_any = target_b.flatten(1).any(1)
+    out = torch.full((pred_b.shape[0],), float("nan"))
+    out[~pred_any & ~target_any] = 0.0
+    both = pred_any & target_any
+    if both.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated internal argument
+            asd = compute_average_surface_distance(pred_b[both].float(), target_b[both].float(), include_background=True, symmetric=True)
+        out[both] = asd.reshape(-1).float()
+    return out
+
+
+def ssim_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Structural similarity of the predicted and true binary masks per image (scikit-image,
+    ``data_range=1``, 7×7 uniform window, or the largest odd window that fits smaller images);
+    NaN for images under 3 pixels on a side."""
+    pred_b, target_b = _binary_pair(pred, target)
+    height, width = pred_b.shape[2:]
+    side = min(height, width, 7)
+    win = side if side % 2 else side - 1
+    out = torch.full((pred_b.shape[0],), float("nan"))
+    if win < 3:
+        return out
+    p_np = pred_b[:, 0].numpy().astype(np.float64)
+    t_np = target_b[:, 0].numpy().astype(np.float64)
+    for i in range(len(out)):
+        out[i] = float(structural_similarity(p_np[i], t_np[i], data_range=1.0, win_size=win))
+    return out
+
+
+def segmentation_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image Dice, Jaccard, average Hausdorff distance (pixels) and SSIM of binary masks.
+
+    Args:
+        pred: binary ``B×1×H×W`` (or ``B×H×W``) prediction.
+        target: binary ground truth of the same shape.
+
+    Returns:
+        ``{"dice", "jaccard", "avg_hausdorff", "ssim"}``, each a float tensor ``B``; see
+        :func:`dice_per_image`, :func:`jaccard_per_image`, :func:`average_hausdorff_per_image`
+        (NaN when exactly one mask is empty) and :func:`ssim_per_image`.
+    """
+    dice = dice_per_image(pred, target)
+    return {
+        "dice": dice,
+        "jaccard": jaccard_per_image(pred, target, dice=dice),
+        "avg_hausdorff": average_hausdorff_per_image(pred, target),
+        "ssim": ssim_per_image(pred, target),
+    }
 
 
 # --------------------------------------------------------------------------------------------

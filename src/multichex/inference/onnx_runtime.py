@@ -61,6 +61,9 @@ def onnx_paths(path: str | Path) -> dict[str, Path]:
 
 def export_onnx(model: MultiCheXNet, path: str | Path, opset: int = 18, batch_example: int = 2) -> dict[str, Path]:
     """Export ``model`` (eval mode, float32, CPU) as three graphs with a dynamic batch axis; returns their paths."""
+    if model.config.saliency_bridge:
+        raise ValueError("a model with a saliency bridge needs input gradients at inference, which ONNX graphs do not have: "
+                         "use the PyTorch runtime")
     model = model.eval().float().cpu().to(memory_format=torch.contiguous_format)
     paths = onnx_paths(path)
     paths["encoder"].parent.mkdir(parents=True, exist_ok=True)

@@ -31,3 +31,13 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, has_mask: torch
     if dice_weight:
         loss = loss + dice_weight * _dice(logits, masks)
     return loss
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    """Softmax cross-entropy for one-class-per-image models over the images whose label row names exactly one
+    class (one known 1); other rows add nothing. ``None`` when no row qualifies."""
+    positive = labels == 1
+    single = positive.sum(dim=1) == 1
+    if not single.any():
+        return None
+    return F.cross_entropy(logits[single], positive[single].float().argmax(dim=1))

@@ -6,16 +6,28 @@ import torch
 
 from multichex.data.record import CXRBatch
 from multichex.losses.detection import DetectionLoss
-from multichex.losses.masked import masked_bce_with_logits, segmentation_loss
+from multichex.losses.masked import masked_bce_with_logits, masked_cross_entropy
+from multichex.losses.segmentation import deep_supervision_loss, make_segmentation_loss
 from multichex.models.multichexnet import MultiCheXNet
 
 
 class MultiTaskLoss:
     """Per-task losses on one batch; a task with no labels in the batch contributes no term."""
 
-    def __init__(self, model: MultiCheXNet, weights: dict[str, float] | None = None, dice_weight: float = 1.0, giou_weight: float = 0.0) -> None:
+    def __init__(
+        self, model: MultiCheXNet, weights: dict[str, float] | None = None, dice_weight: float = 1.0, giou_weight: float = 0.0,
+        seg_loss: dict | None = None, seg_side_weights: list[float] | None = None,
+    ) -> None:
+        """``seg_loss``: ``{"name": ..., **parameters}`` of :func:`make_segmentation_loss` (default BCE + ``dice_weight`` ×
+        Dice); ``seg_side_weights``: deep supervision's weights, side outputs coarse → fine, then the final output."""
         self.weights = {"cls": 1.0, "seg": 1.0, "det": 1.0, "gate": 1.0, **(weights or {})}
-        self.dice_weight = dice_weight
+        spec = dict(seg_loss or {"name": "bce_dice"})
+        name = spec.pop("name")
+        if name == "bce_dice":
+            spec.setdefault("dice_weight", dice_weight)
+        self.segmentation = make_segmentation_loss(name, **spec)
+        self.side_weights = seg_side_weights
+        self.softmax = model.config.cls_activation == "softmax"
         self.detection = DetectionLoss(model.det, giou_weight=giou_weight)
 
     @staticmethod
@@ -38,11 +50,15 @@ class MultiTaskLoss:
         det_batch = head_batches.get("det", batch)
         terms: dict[str, torch.Tensor | None] = {}
         if "cls" in outputs:
-            terms["cls"] = masked_bce_with_logits(outputs["cls"], batch.labels)
+            classify = masked_cross_entropy if self.softmax else masked_bce_with_logits
+            terms["cls"] = classify(outputs["cls"], batch.labels)
         if "gate" in outputs:
             terms["gate"] = masked_bce_with_logits(outputs["gate"], batch.positive)
-        if "seg" in outputs:
-            terms["seg"] = segmentation_loss(outputs["seg"], seg_batch.masks, seg_batch.has_mask, self.dice_weight)
+        if "seg" in outputs and seg_batch.has_mask.any():
+            has = seg_batch.has_mask
+            sides = outputs.get("seg_sides")
+            terms["seg"] = deep_supervision_loss(outputs["seg"][has], sides[has] if sides is not None else None,
+                                                 seg_batch.masks[has], self.segmentation, self.side_weights)
         if "det" in outputs:
             terms["det"] = self.detection(outputs["det"], det_batch.boxes, det_batch.box_labels, det_batch.has_boxes)
         losses = {name: value for name, value in terms.items() if value is not None}

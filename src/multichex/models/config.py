@@ -52,6 +52,12 @@ class ModelConfig:
     input_std: float = 0.25
     gate: GateConfig = field(default_factory=GateConfig)
     class_thresholds: list[float] | None = None  # per-class decision thresholds chosen on validation (None: 0.5)
+    cls_activation: str = "sigmoid"  # "sigmoid": multi-label (one binary output per class); "softmax": one class per image
+    pyramid_input: bool = False  # APPAU-Net: the image, downsampled, also enters encoder stages 2-4 (lite encoders)
+    seg_attention: bool = False  # APPAU-Net: attention gates on the decoder's skip connections
+    seg_deep_supervision: bool = False  # APPAU-Net: progressive side outputs, each with its own loss
+    saliency_bridge: bool = False  # MultiMix: class saliency + image fed into the first decoder stage
+    discriminator_classes: list[str] | None = None  # APPAU-Net: an (image, mask) discriminator over these + "predicted"
 
     def __post_init__(self) -> None:
         if isinstance(self.gate, dict):
@@ -68,6 +74,14 @@ class ModelConfig:
             raise ValueError("gate.source='classifier' needs gate.classes")
         if self.class_thresholds is not None and len(self.class_thresholds) != len(self.class_names):
             raise ValueError(f"{len(self.class_thresholds)} class_thresholds for {len(self.class_names)} class_names")
+        if self.cls_activation not in {"sigmoid", "softmax"}:
+            raise ValueError(f"cls_activation must be 'sigmoid' or 'softmax', got {self.cls_activation!r}")
+        if self.cls_activation == "softmax" and self.gate.source == "classifier":
+            raise ValueError("gate.source='classifier' needs cls_activation='sigmoid'")
+        if self.discriminator_classes is not None:
+            unknown = [c for c in self.discriminator_classes if c not in self.class_names]
+            if unknown or not self.discriminator_classes:
+                raise ValueError(f"discriminator_classes must be a non-empty subset of class_names, got {self.discriminator_classes}")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
 

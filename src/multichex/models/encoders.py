@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ENCODERS: dict[str, Callable[..., "Encoder"]] = {}
@@ -18,11 +19,20 @@ def register_encoder(name: str) -> Callable:
     return wrap
 
 
-def get_encoder(name: str, in_channels: int = 1) -> "Encoder":
-    """Build a registered encoder by name (``list_encoders()`` shows the choices)."""
+def get_encoder(name: str, in_channels: int = 1, pyramid: bool = False) -> "Encoder":
+    """Build a registered encoder by name (``list_encoders()`` shows the choices).
+
+    ``pyramid``: also feed the image, downsampled, into the later encoder stages (APPAU-Net's pyramid
+    input); only the ``lite`` encoders have the hooks for it.
+    """
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {list_encoders()}")
-    return ENCODERS[name](in_channels=in_channels)
+    encoder = ENCODERS[name](in_channels=in_channels)
+    if pyramid:
+        if not isinstance(encoder, LiteEncoder):
+            raise ValueError(f"pyramid_input needs a lite encoder, not {name!r}")
+        encoder.add_pyramid_inputs()
+    return encoder
 
 
 def list_encoders() -> list[str]:
@@ -88,11 +98,24 @@ class LiteEncoder(Encoder):
             self.stages.append(nn.Sequential(*blocks))
             previous = width
         self.out_channels = tuple(widths)  # type: ignore[assignment]
+        self.in_channels = in_channels
+        self.pyramid: nn.ModuleList | None = None
+
+    def add_pyramid_inputs(self) -> None:
+        """Pyramid input (Imran & Terzopoulos 2019): stages 2–4 also receive the image average-pooled to
+        their input resolution (strides 4, 8, 16), projected by a 3×3 convolution and added to their input,
+        so small structures lost by the striding stay visible deeper in the encoder."""
+        widths = self.out_channels
+        self.pyramid = nn.ModuleList([_conv_bn_act(self.in_channels, widths[i]) for i in range(len(widths) - 1)])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        image = x
         x = self.stem(x)
         features = []
-        for stage in self.stages:
+        for index, stage in enumerate(self.stages):
+            if self.pyramid is not None and index > 0:
+                stride = image.shape[-1] // x.shape[-1]
+                x = x + self.pyramid[index - 1](F.avg_pool2d(image, stride))
             x = stage(x)
             features.append(x)
         return features

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from multichex.models.config import TASKS, ModelConfig
+from multichex.models.discriminator import PairDiscriminator
 from multichex.models.encoders import get_encoder
 from multichex.models.heads.classification import CheXCls, PositiveCaseGate
 from multichex.models.heads.detection import CheXDet, Detections
 from multichex.models.heads.segmentation import CheXSeg
+from multichex.models.saliency import bridge_guide
 
 
 @dataclass
@@ -32,10 +34,13 @@ class MultiCheXNet(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = get_encoder(config.encoder)
+        self.encoder = get_encoder(config.encoder, pyramid=config.pyramid_input)
         channels = self.encoder.out_channels
         self.cls = CheXCls(channels[-1], len(config.class_names), hidden=config.cls_hidden)
-        self.seg = CheXSeg(channels)
+        self.seg = CheXSeg(channels, attention=config.seg_attention, deep_supervision=config.seg_deep_supervision,
+                           saliency_bridge=config.saliency_bridge)
+        # Training-only adversary (APPAU-Net); saved with the weights so a resumed run continues its game.
+        self.disc = PairDiscriminator(len(config.discriminator_classes)) if config.discriminator_classes else None
         self.det = CheXDet(channels, len(config.box_classes), [tuple(a) for a in config.anchors], config.image_size, config.det_stride)
         self.gate = PositiveCaseGate(channels[-1])
         self.register_buffer("input_mean", torch.tensor(config.input_mean), persistent=False)
@@ -45,13 +50,22 @@ class MultiCheXNet(nn.Module):
         """Images in [0, 1] (``B×1×H×W``) → multi-scale features (normalisation happens here, not in user code)."""
         return self.encoder((images - self.input_mean) / self.input_std)
 
-    def run_heads(self, features: list[torch.Tensor], tasks: Iterable[str], output_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def run_heads(
+        self, features: list[torch.Tensor], tasks: Iterable[str], output_size: tuple[int, int], guide: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Raw outputs of the requested heads; ``guide`` is the saliency bridge's input (see :meth:`guide`).
+
+        In training mode a deep-supervised segmentation head also returns its side outputs (``seg_sides``).
+        """
         outputs: dict[str, torch.Tensor] = {}
         for task in tasks:
             if task == "cls":
                 outputs["cls"] = self.cls(features)
             elif task == "seg":
-                outputs["seg"] = self.seg(features, output_size)
+                if self.training and self.config.seg_deep_supervision:
+                    outputs["seg"], outputs["seg_sides"] = self.seg(features, output_size, guide, return_sides=True)
+                else:
+                    outputs["seg"] = self.seg(features, output_size, guide)
             elif task == "det":
                 outputs["det"] = self.det(features)
             elif task == "gate":
@@ -61,7 +75,16 @@ class MultiCheXNet(nn.Module):
         return outputs
 
     def forward(self, images: torch.Tensor, tasks: Iterable[str] = TASKS) -> dict[str, torch.Tensor]:
-        return self.run_heads(self.encode(images), tasks, images.shape[-2:])
+        tasks = list(tasks)
+        guide = self.guide(images) if "seg" in tasks else None
+        return self.run_heads(self.encode(images), tasks, images.shape[-2:], guide)
+
+    def guide(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The saliency bridge's (image, saliency map) input for ``images``; ``None`` without a bridge."""
+        return bridge_guide(self, images) if self.config.saliency_bridge else None
+
+    def class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return class_probabilities(self.config, logits)
 
     def gate_tasks(self) -> list[str]:
         """The heads whose outputs :meth:`gate_probability` needs."""
@@ -88,9 +111,15 @@ class MultiCheXNet(nn.Module):
         first = self.run_heads(features, ["cls"] + [t for t in self.gate_tasks() if t != "cls"], size)
 
         def run_head(head: str, index: torch.Tensor) -> torch.Tensor:
-            return self.run_heads([f[index] for f in features], [head], size)[head]
+            guide = self.guide(images[index]) if head == "seg" else None
+            return self.run_heads([f[index] for f in features], [head], size, guide)[head]
 
         return assemble_prediction(self.config, first, self.gate_probability(first), run_head, self.det, use_gate, score_threshold, iou_threshold)
+
+
+def class_probabilities(config: ModelConfig, logits: torch.Tensor) -> torch.Tensor:
+    """Per-class probabilities: independent sigmoids (multi-label) or a softmax (one class per image)."""
+    return torch.softmax(logits, dim=-1) if config.cls_activation == "softmax" else torch.sigmoid(logits)
 
 
 def gate_probability(config: ModelConfig, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -133,4 +162,4 @@ def assemble_prediction(
         else:
             for slot, value in zip(index.tolist(), detector.postprocess(raw, config.image_size, score_threshold, iou_threshold)):
                 detections[slot] = value
-    return GatedPrediction(torch.sigmoid(first["cls"]), gate_probs, positive, seg_probs, detections)
+    return GatedPrediction(class_probabilities(config, first["cls"]), gate_probs, positive, seg_probs, detections)

@@ -39,6 +39,46 @@ class TeacherForcingConfig:
 
 
 @dataclass
+class SemiSupervisedConfig:
+    """Learning from unlabelled images (MultiMix §2).
+
+    Classification (FixMatch): every unknown class label of a training image gets a pseudo-label from the
+    prediction on its weakly augmented view when that prediction is confident (probability ≥ ``threshold``
+    or ≤ 1 − ``threshold``; softmax models: top probability ≥ ``threshold``, images with no known label),
+    and the strongly augmented view of the image is trained toward it with weight ``weight`` (λ).
+    Segmentation: KL consistency, weight ``consistency_weight`` (β), between the mean mask predictions of
+    the batch's images with and without a mask.
+    """
+
+    threshold: float = 0.7
+    weight: float = 0.25
+    classes: list[str] | None = None  # classes that get pseudo-labels (default: all)
+    sources: list[str] | None = None  # source keys whose images serve as unlabelled (default: all)
+    strong: dict[str, Any] = field(default_factory=dict)  # StrongAugmentConfig fields
+    consistency_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.threshold <= 1.0:
+            raise ValueError(f"semi_supervised.threshold must be in [0.5, 1], got {self.threshold}")
+        if self.weight < 0 or self.consistency_weight < 0:
+            raise ValueError("semi_supervised weights must be ≥ 0")
+
+
+@dataclass
+class AdversarialConfig:
+    """APPAU-Net's adversarial game: the model's (image, mask) discriminator (``model.discriminator_classes``)
+    learns to tell ground-truth pairs (and their class) from predicted ones; the segmentor's loss adds
+    ``weight`` (c) × −log(1 − p(predicted | image, predicted mask))."""
+
+    weight: float = 0.01
+    lr_factor: float = 10.0  # discriminator learning rate = lr × lr_factor (the paper: 1e-4 vs 1e-5)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.lr_factor <= 0:
+            raise ValueError("adversarial.weight must be ≥ 0 and adversarial.lr_factor > 0")
+
+
+@dataclass
 class SourceConfig:
     """One data source: a known folder layout, its root (None = the bundled sample) and which labels to use."""
 
@@ -53,6 +93,18 @@ class SourceConfig:
     id: str | None = None  # key of this source in a run (default: name); lets one reader appear twice
     resample_to: int | None = None  # degrade images to this longest side first (pool sources of mixed resolution
     #                                 without the resolution itself becoming a label)
+    classes: list[str] | None = None  # this source's own classes: its labels for any other class are hidden
+    none_class: str | None = None  # a class that is 1 when every own class is 0 (the "nothing" of a multi-class model)
+    negative_for: list[str] = field(default_factory=list)  # training only: unknown labels of these classes become 0
+    label_budget: dict[str, int] = field(default_factory=dict)  # training only: keep labels of N images per task
+    #                                 (cls, seg, det); the others stay in as unlabelled images
+
+    def __post_init__(self) -> None:
+        if self.none_class and not self.classes:
+            raise ValueError(f"source {self.key}: none_class needs the source's own `classes`")
+        unknown = set(self.label_budget) - {"cls", "seg", "det"}
+        if unknown or any(n < 0 for n in self.label_budget.values()):
+            raise ValueError(f"source {self.key}: label_budget takes non-negative counts for cls, seg, det; got {self.label_budget}")
 
     @property
     def key(self) -> str:
@@ -95,6 +147,10 @@ class TrainConfig:
     threads: int | None = None
     on_nonfinite_loss: str = "skip"  # "skip" the batch (logged, counted) or "stop" the run
     tensorboard: bool = False  # also log to OUT/tensorboard (needs the `tensorboard` package)
+    seg_loss: dict[str, Any] = field(default_factory=lambda: {"name": "bce_dice"})  # name + parameters (losses.segmentation)
+    seg_side_weights: list[float] | None = None  # deep supervision: side outputs coarse → fine, then the final output
+    semi_supervised: SemiSupervisedConfig | None = None
+    adversarial: AdversarialConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -103,6 +159,14 @@ class TrainConfig:
             self.augment = AugmentConfig(**self.augment)
         if isinstance(self.teacher_forcing, dict):
             self.teacher_forcing = strict_from_dict(TeacherForcingConfig, self.teacher_forcing)
+        if isinstance(self.semi_supervised, dict):
+            self.semi_supervised = strict_from_dict(SemiSupervisedConfig, self.semi_supervised)
+        if isinstance(self.adversarial, dict):
+            self.adversarial = strict_from_dict(AdversarialConfig, self.adversarial)
+        if self.adversarial is not None and not self.model.discriminator_classes:
+            raise ValueError("adversarial training needs model.discriminator_classes (the discriminator's real classes)")
+        if "name" not in self.seg_loss:
+            raise ValueError(f"seg_loss needs a name, got {self.seg_loss}")
         self.sources = [strict_from_dict(SourceConfig, s) if isinstance(s, dict) else s for s in self.sources]
         keys = [s.key for s in self.sources]
         if len(set(keys)) != len(keys):

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import random
 from dataclasses import replace
 from pathlib import Path
 
+from multichex.data.labels import canonical_name
 from multichex.data.registry import read_source
 from multichex.data.sources import CXRDataset, SampleRef
 from multichex.data.splits import patient_split, save_split
 from multichex.training.config import SourceConfig, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def restrict_tasks(ref: SampleRef, tasks: list[str]) -> SampleRef:
@@ -25,10 +30,28 @@ def restrict_tasks(ref: SampleRef, tasks: list[str]) -> SampleRef:
     )
 
 
+def own_classes(ref: SampleRef, classes: list[str], none_class: str | None) -> SampleRef:
+    """Keep only the labels of the source's own ``classes``; ``none_class`` is 1 when all of them are 0,
+    0 when any is 1, unknown otherwise."""
+    own = {canonical_name(c) for c in classes}
+    findings = {name: value for name, value in ref.findings.items() if canonical_name(name) in own}
+    if none_class:
+        known = {canonical_name(name): value for name, value in findings.items()}
+        values = [known.get(name, math.nan) for name in own]
+        if any(v == 1 for v in values):
+            findings[none_class] = 0.0
+        elif values and all(v == 0 for v in values):
+            findings[none_class] = 1.0
+    return replace(ref, findings=findings)
+
+
 def load_refs(source: SourceConfig) -> list[SampleRef]:
-    """Read a source, hide the labels of tasks it should not train, and apply its options: boxes fitted
-    to masks, gate-negatives as box-negatives, resolution bottleneck, image limit."""
-    refs = [restrict_tasks(r, source.tasks) for r in read_source(source.name, source.root, source.options)]
+    """Read a source, hide the labels of tasks (and classes) it should not train, and apply its options:
+    boxes fitted to masks, gate-negatives as box-negatives, resolution bottleneck, image limit."""
+    refs = [replace(restrict_tasks(r, source.tasks), extra={**r.extra, "source_key": source.key})
+            for r in read_source(source.name, source.root, source.options)]
+    if source.classes is not None and "cls" in source.tasks:
+        refs = [own_classes(r, source.classes, source.none_class) for r in refs]
     if source.boxes_from_masks:
         refs = [replace(r, mask_box_label=source.boxes_from_masks) for r in refs]
     if source.empty_boxes_for_negatives and "det" in source.tasks:
@@ -54,6 +77,9 @@ def split_sources(config: TrainConfig, out_dir: Path | None = None) -> dict[str,
         for index in indices:
             name, ref = flat[index]
             result[part][name].append(ref)
+    for source in config.sources:
+        if source.key in result.get("train", {}):
+            result["train"][source.key] = training_labels(result["train"][source.key], source, config.seed)
     if out_dir is not None:
         save_split(
             out_dir / "split.json",
@@ -61,6 +87,38 @@ def split_sources(config: TrainConfig, out_dir: Path | None = None) -> dict[str,
             config.seed,
         )
     return result
+
+
+def training_labels(refs: list[SampleRef], source: SourceConfig, seed: int) -> list[SampleRef]:
+    """Training-only label options: cross-data-set negatives (``negative_for``: unknown labels of those
+    classes become 0) and label budgets (``label_budget``: per task, only N images keep their labels, drawn
+    with the run's seed; the rest stay as unlabelled images). Evaluation parts never see either."""
+    if source.negative_for:
+        refs = [replace(r, findings={**{c: 0.0 for c in source.negative_for}, **{k: v for k, v in r.findings.items() if not math.isnan(v)}})
+                for r in refs]
+    for task, keep in sorted(source.label_budget.items()):
+        labelled = [i for i, r in enumerate(refs) if _has_label(r, task)]
+        rng = random.Random(f"{seed}:{source.key}:{task}")
+        hidden = set(labelled) - set(rng.sample(labelled, min(keep, len(labelled))))
+        refs = [_hide_label(r, task) if i in hidden else r for i, r in enumerate(refs)]
+        log.info("source %s: %s labels kept on %d of %d training images", source.key, task, len(labelled) - len(hidden), len(labelled))
+    return refs
+
+
+def _has_label(ref: SampleRef, task: str) -> bool:
+    if task == "cls":
+        return any(not math.isnan(v) for v in ref.findings.values())
+    if task == "seg":
+        return ref.mask_path is not None or ref.mask_rle is not None
+    return ref.boxes_xywh is not None
+
+
+def _hide_label(ref: SampleRef, task: str) -> SampleRef:
+    if task == "cls":
+        return replace(ref, findings={}, positive=math.nan)
+    if task == "seg":
+        return replace(ref, mask_path=None, mask_rle=None, mask_box_label=None)
+    return replace(ref, boxes_xywh=None, box_names=None)
 
 
 def _same_file_key(path: str) -> str:

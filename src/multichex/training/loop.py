@@ -26,6 +26,7 @@ from multichex.training.checkpoint import read_checkpoint, restore_training_stat
 from multichex.models.config import TASKS
 from multichex.training import distributed
 from multichex.training.config import MODULES, TrainConfig
+from multichex.training.semi_supervised import FewLabelObjectives, ObjectiveCounts
 from multichex.training.teacher_forcing import ForcingCounts, select_for_head
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,12 @@ class Trainer:
             raise ValueError(f"nothing to train: trainable={config.trainable}")
         self.trained_tasks = {t for t in TASKS if any(p.requires_grad for p in getattr(self.model, t).parameters())}
         self.optimizer = make_optimizer(config, params)
-        self.loss = MultiTaskLoss(self.model, config.loss_weights, config.dice_weight, config.giou_weight)
+        self.loss = MultiTaskLoss(self.model, config.loss_weights, config.dice_weight, config.giou_weight, config.seg_loss, config.seg_side_weights)
+        self.objectives = None
+        if config.semi_supervised is not None or config.adversarial is not None:
+            if self.distributed:
+                raise ValueError("semi_supervised / adversarial training run in one process (not under torchrun) for now")
+            self.objectives = FewLabelObjectives(self.model, config.semi_supervised, config.adversarial, config.lr, config.seed)
         if config.schedule == "single" and len(train_sets) != 1:
             raise ValueError(f"schedule 'single' takes one data set, got {sorted(train_sets)}")
         schedule = JointBatches if config.schedule == "joint" else AlternatingBatches
@@ -206,7 +212,7 @@ class Trainer:
         some rank, a non-finite loss on some rank).
         """
         tasks = self._step_tasks(batch)
-        if not tasks:
+        if not tasks and not (self.objectives is not None and self.objectives.wants(batch)):
             return None
         images = batch.images
         if self.config.channels_last:
@@ -239,6 +245,8 @@ class Trainer:
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
+        if self.objectives is not None:
+            self.objectives.discriminator_step(self.model, images, batch, self._outputs)
         return report if report is not None else {k: float(v.detach()) for k, v in losses.items()}
 
     def _step_tasks(self, batch) -> list[str]:
@@ -262,6 +270,12 @@ class Trainer:
         else:
             outputs, head_batches = self._forced_forward(images, batch, tasks)
             losses = self.loss(outputs, batch, head_batches)
+        if self.objectives is not None:
+            extra = self.objectives.terms(self.model, images, batch, outputs, self.trained_tasks)
+            if extra:
+                losses.update(extra)
+                losses["total"] = losses.get("total", 0.0) + sum(extra.values())
+            self._outputs = outputs
         self._placeholder = False
         if self.distributed:
             # Every rank ran the same heads; an output this rank has no labels for still joins the loss, times
@@ -294,7 +308,8 @@ class Trainer:
         forced = self.config.teacher_forcing
         size = images.shape[-2:]
         features = self.model.encode(images)
-        outputs = self.model.run_heads(features, [t for t in tasks if t not in forced.heads], size)
+        guide = self.model.guide(images) if "seg" in tasks else None
+        outputs = self.model.run_heads(features, [t for t in tasks if t not in forced.heads], size, guide)
         with torch.no_grad():
             detached = [f.detach() for f in features]
             gate_passed = self.model.gate_probability(self.model.run_heads(detached, self.model.gate_tasks(), size)) >= self.model.config.gate.threshold
@@ -305,7 +320,7 @@ class Trainer:
         for (head, rows_chosen), run in zip(chosen.items(), runs):
             if run:
                 rows = torch.nonzero(rows_chosen).flatten()
-                outputs.update(self.model.run_heads([f[rows] for f in features], [head], size))
+                outputs.update(self.model.run_heads([f[rows] for f in features], [head], size, guide[rows] if guide is not None else None))
                 head_batches[head] = batch.select(rows_chosen)
         return outputs, head_batches
 
@@ -340,6 +355,9 @@ class Trainer:
             record.update({f"train_{k}": float(np.mean(v)) for k, v in sums.items()})
             record.update(self._forcing_record())
             self.forcing = ForcingCounts()
+            if self.objectives is not None:
+                record.update(self.objectives.counts.values)
+                self.objectives.counts = ObjectiveCounts()
             if self.val_sets and main:
                 metrics = evaluate_datasets(self.model, self.val_sets, bootstrap=0)
                 score = score_of(metrics, self.trained_tasks)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from importlib import import_module
-from pathlib import Path
 
 # source name → (module, function)
 NATIVE_SOURCES: dict[str, tuple[str, str]] = {
