@@ -196,6 +196,7 @@ def evaluate(
     split: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="With --part: take the part from this split.json instead of the checkpoint's."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples (patients) for 95% CIs; 0 disables."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
+    tasks: str = typer.Option("cls,gate,seg,det", help="Comma-separated labels to score (others are ignored), e.g. seg."),
 ) -> None:
     """Per-head metrics with patient-bootstrap 95% CIs on the given data; writes metrics.json and report.md."""
     from multichex.evaluation.evaluate import evaluate_datasets
@@ -206,7 +207,10 @@ def evaluate(
 
     _setup_logging()
     model, header = load_model(checkpoint)
-    sources = [_parse_source(s) for s in data]
+    chosen = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not chosen or set(chosen) - {"cls", "gate", "seg", "det"}:
+        raise typer.BadParameter(f"--tasks takes cls, gate, seg, det; got {tasks!r}")
+    sources = [replace(_parse_source(s), tasks=chosen) for s in data]
     if part == "all":
         config = TrainConfig(model=model.config, sources=sources, split={"all": 1.0})
     else:
