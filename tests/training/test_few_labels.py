@@ -188,3 +188,24 @@ def test_options_refuse_wrong_combinations():
         from multichex.inference.onnx_runtime import export_onnx
 
         export_onnx(tiny(saliency_bridge=True), "/tmp/never.onnx")
+
+
+@pytest.mark.parametrize("name", ["multimix", "appau_net", "cross_negatives"])
+def test_shipped_few_label_configs_load(name):
+    from pathlib import Path
+
+    from multichex.training.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml")
+    assert config.sources and config.model.image_size == 128
+
+
+def test_a_bridge_model_is_explained_by_the_map_that_guides_its_decoder():
+    from multichex.inference.explain import GradCamExplainer
+
+    model = tiny(saliency_bridge=True).eval()
+    image = torch.rand(1, 64, 64)
+    maps = GradCamExplainer(model).maps(image, [0, 2])
+    expected = saliency_maps(model, image[None].repeat(2, 1, 1, 1), torch.tensor([0, 2]))
+    assert set(maps) == {0, 2}
+    torch.testing.assert_close(torch.from_numpy(maps[2]), expected[1, 0])

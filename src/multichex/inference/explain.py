@@ -4,6 +4,9 @@ Grad-CAM++ rather than Grad-CAM: with a weak or uncertain classifier the plain G
 often negative everywhere and its ReLU leaves a blank image; Grad-CAM++ weights only the positive gradients
 and still shows where the evidence for the class is. The map is an aid for inspecting the model, not a
 localisation it was trained for, and not clinical evidence.
+
+A model with MultiMix's saliency bridge is explained by the map its decoder was guided by (the class
+saliency map of :mod:`multichex.models.saliency`), not by Grad-CAM++.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from multichex.data.transforms import Letterbox
 from multichex.models.multichexnet import MultiCheXNet
+from multichex.models.saliency import saliency_maps
 
 
 class _Anchor(nn.Module):
@@ -56,6 +60,11 @@ class GradCamExplainer:
 
     def maps(self, image: torch.Tensor, class_indices: list[int]) -> dict[int, np.ndarray]:
         """``image``: ``1×S×S`` in [0, 1]; returns class index → heat map at the network input size."""
+        if self.model.config.saliency_bridge:
+            with self.lock:
+                batch = image[None].expand(len(class_indices), *image.shape)
+                heats = saliency_maps(self.model, batch, torch.tensor(class_indices, dtype=torch.long))
+            return {index: heat[0].numpy() for index, heat in zip(class_indices, heats)}
         result = {}
         with self.lock, torch.enable_grad():
             was_training = self.model.training
