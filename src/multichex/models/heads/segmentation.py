@@ -54,10 +54,12 @@ class CheXSeg(nn.Module):
             self.sides = nn.ModuleList([nn.Conv2d(width, num_classes, 1) for width in widths])
         else:
             self.head = nn.Conv2d(widths[2], num_classes, 1)
-        self.bridge = (
-            nn.Sequential(nn.Conv2d(2, c32 + c16, 3, padding=1, bias=False), nn.BatchNorm2d(c32 + c16), nn.ReLU(inplace=True))
-            if saliency_bridge else None
-        )
+        self.bridge = None
+        if saliency_bridge:
+            self.bridge = nn.Sequential(nn.Conv2d(2, c32 + c16, 3, padding=1, bias=False), nn.BatchNorm2d(c32 + c16))
+            # Zero-initialised scale: the bridge starts as "add nothing" and the decoder learns how much of the
+            # guide to take, instead of starting from a random perturbation of its first stage's input.
+            nn.init.zeros_(self.bridge[1].weight)
 
     def forward(
         self, features: list[torch.Tensor], output_size: tuple[int, int], guide: torch.Tensor | None = None, return_sides: bool = False
