@@ -219,6 +219,15 @@ def test_train_and_evaluate_cli(tmp_path, covid_root, covid_test_root):
             "--part", "test", "--bootstrap", 0])
     assert json.loads((part / "metrics.json").read_text())["segmentation"]["n_images"] == sum(metrics["split"]["test"].values())
 
+    only_seg = tmp_path / "eval-seg"
+    invoke(["evaluate", f"covid-chestxray={covid_test_root}", "--checkpoint", run / "best.safetensors", "--out", only_seg,
+            "--bootstrap", 0, "--tasks", "seg"])
+    scored = json.loads((only_seg / "metrics.json").read_text())
+    assert scored["segmentation"]["n_images"] == 16 and "jaccard" in scored["segmentation"]
+    assert scored["classification"]["per_class"]["COVID-19"]["n_known"] == 0  # class labels not scored
+    assert CliRunner().invoke(app, ["evaluate", f"covid-chestxray={covid_test_root}", "--checkpoint", str(run / "best.safetensors"),
+                                    "--tasks", "boxes"]).exit_code != 0
+
 
 def test_predict_files_unique_stems_and_extreme_aspect(demo_run, tmp_path):
     """Same stem in two folders (and a real ``<stem>_2`` file) never overwrite each other; a 3×500 image works."""
