@@ -222,3 +222,6 @@ def test_collect_gathers_all_segmentation_metrics(covid_test_root) -> None:
         assert len(getattr(out, key)) == n
     seg = summarize(out, classes, ["Mass"], bootstrap=20)["segmentation"]
     assert all(key in seg and "low" in seg[key] for key in SEGMENTATION_KEYS)
+    quick = collect(model, {"covid": CXRDataset(refs, classes, ["Mass"], 64)}, batch_size=8, surface_metrics=False)
+    assert quick.dice == out.dice and quick.jaccard == out.jaccard and quick.avg_hausdorff == [] and quick.ssim == []
+    assert set(summarize(quick, classes, ["Mass"], bootstrap=0)["segmentation"]) == {"dice", "jaccard", "n_images", "n_patients"}

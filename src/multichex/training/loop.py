@@ -359,7 +359,7 @@ class Trainer:
                 record.update(self.objectives.counts.values)
                 self.objectives.counts = ObjectiveCounts()
             if self.val_sets and main:
-                metrics = evaluate_datasets(self.model, self.val_sets, bootstrap=0)
+                metrics = evaluate_datasets(self.model, self.val_sets, bootstrap=0, surface_metrics=False)
                 score = score_of(metrics, self.trained_tasks)
                 record["val_score"] = score
                 record.update(_flat_metrics(metrics))
@@ -405,7 +405,7 @@ class Trainer:
         header, tensors = read_checkpoint(best_path)
         best = MultiCheXNet(self.model.config)
         load_weights(best, tensors, best_path)
-        collected = collect(best, self.val_sets)
+        collected = collect(best, self.val_sets, surface_metrics=False)
         config, chosen = self.model.config, {}
         if self.config.select_gate_threshold:
             try:
