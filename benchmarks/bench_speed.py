@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import math
 import os
@@ -302,8 +301,7 @@ def train_one(encoder: str, image_size: int, batch: int, quick: bool, gen: torch
         **summary(times, batch),
     }
     log(f"  {row['images_per_s']:.2f} images/s (median step {row['median_s']:.3f} s)")
-    del model, optimizer, criterion, batches
-    gc.collect()
+    state.clear()
     return row
 
 
@@ -720,7 +718,7 @@ def render_markdown(report: dict) -> str:
         )
     lines += [
         "",
-        f"Compute per image (Conv2d + Linear multiply-accumulates, counted with forward hooks): "
+        "Compute per image (Conv2d + Linear multiply-accumulates, counted with forward hooks): "
         + ", ".join(f"{k.replace('_', ' ')} {v:.3f} GMAC" for k, v in s["gmacs_per_image"].items())
         + f" → ratio predicted from compute alone (3E+H)/(E+H) = {s['predicted_ratio_from_macs']:.2f}x.",
         "",
