@@ -209,3 +209,24 @@ def test_a_bridge_model_is_explained_by_the_map_that_guides_its_decoder():
     expected = saliency_maps(model, image[None].repeat(2, 1, 1, 1), torch.tensor([0, 2]))
     assert set(maps) == {0, 2}
     torch.testing.assert_close(torch.from_numpy(maps[2]), expected[1, 0])
+
+
+def test_semi_supervised_adversarial_run_resumes_to_the_uninterrupted_weights(tmp_path, covid_root, nih_root):
+    from .test_training import _fresh_trainer
+
+    model = model_config().to_dict() | dict(discriminator_classes=["COVID-19", "No Finding"], seg_deep_supervision=True)
+    common = dict(model=model, seed=5, split={"train": 0.75, "val": 0.25}, steps_per_epoch=3, batch_size=6, schedule="joint",
+                  augment=AugmentConfig(enabled=True), semi_supervised={"threshold": 0.55, "consistency_weight": 0.1},
+                  adversarial={"weight": 0.1},
+                  sources=[SourceConfig("covid-chestxray", str(covid_root), ["cls", "seg"], limit=24, label_budget={"seg": 6, "cls": 6})])
+    straight = _fresh_trainer(train_config(tmp_path / "straight", covid_root, nih_root, epochs=2, **common))
+    straight.fit()
+    first = _fresh_trainer(train_config(tmp_path / "resumed", covid_root, nih_root, epochs=1, **common))
+    first.fit()
+    second = _fresh_trainer(train_config(tmp_path / "resumed", covid_root, nih_root, epochs=2, **common))
+    second.resume()
+    second.fit()
+    assert straight.history[-1]["disc_steps"] > 0 and straight.history[-1]["ssl_candidates"] > 0
+    expected, got = straight.model.state_dict(), second.model.state_dict()
+    for key in expected:
+        assert torch.allclose(got[key].float(), expected[key].float(), atol=1e-5, rtol=0), key

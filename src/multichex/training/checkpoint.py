@@ -21,14 +21,14 @@ from multichex.models.multichexnet import MultiCheXNet
 FORMAT = "multichex-checkpoint-v1"
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{prefix}.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -49,8 +49,12 @@ def save_checkpoint(
     model: MultiCheXNet,
     extra: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    other_optimizers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> Path:
-    """Write ``path`` (.safetensors) and ``path.with_suffix('.json')`` atomically."""
+    """Write ``path`` (.safetensors) and ``path.with_suffix('.json')`` atomically.
+
+    ``other_optimizers``: further optimisers by name (e.g. the discriminator's), saved next to ``optimizer``.
+    """
     path = Path(path)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header: dict[str, Any] = {"format": FORMAT, "model": model.config.to_dict(), **(extra or {})}
@@ -59,9 +63,13 @@ def save_checkpoint(
         tensors.update(optim_tensors)
         header["optimizer"] = optim_info
         tensors["rng.torch"] = torch.get_rng_state()
+    for name, other in (other_optimizers or {}).items():
+        other_tensors, other_info = _optimizer_tensors(other, f"optim_{name}")
+        tensors.update(other_tensors)
+        header[f"optimizer_{name}"] = other_info
     text = json.dumps(header, default=str)
     atomic_write(path, lambda temp: save_file(tensors, temp, metadata={"multichex": text}))
-    readable = {k: v for k, v in header.items() if k != "optimizer"}
+    readable = {k: v for k, v in header.items() if not k.startswith("optimizer")}
     atomic_write(path.with_suffix(".json"), lambda temp: Path(temp).write_text(json.dumps(readable, indent=2, default=str)))
     return path
 
@@ -110,6 +118,15 @@ def load_weights(model: MultiCheXNet, tensors: dict[str, torch.Tensor], path: st
             detail.append("shape mismatch " + ", ".join(f"{k}: {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes[:8]))
         raise ValueError(f"{path}: checkpoint does not match the model config: " + "; ".join(detail))
     model.load_state_dict(weights, strict=True)
+
+
+def restore_other_optimizer(optimizer: torch.optim.Optimizer, name: str, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bool:
+    """Restore an optimiser saved with ``other_optimizers={name: ...}``; False when the checkpoint has none."""
+    if f"optimizer_{name}" not in header:
+        return False
+    prefix = f"optim_{name}."
+    _restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith(prefix)}, header[f"optimizer_{name}"])
+    return True
 
 
 def restore_training_state(optimizer: torch.optim.Optimizer, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

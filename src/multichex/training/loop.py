@@ -22,7 +22,7 @@ from multichex.evaluation.evaluate import collect, evaluate_datasets
 from multichex.evaluation.thresholds import choose_threshold, per_class_thresholds
 from multichex.losses.multitask import MultiTaskLoss
 from multichex.models.multichexnet import MultiCheXNet
-from multichex.training.checkpoint import read_checkpoint, restore_training_state, save_checkpoint, load_weights
+from multichex.training.checkpoint import load_weights, read_checkpoint, restore_other_optimizer, restore_training_state, save_checkpoint
 from multichex.models.config import TASKS
 from multichex.training import distributed
 from multichex.training.config import MODULES, TrainConfig
@@ -187,6 +187,9 @@ class Trainer:
         header, tensors = read_checkpoint(path)
         load_weights(self.model, tensors, path)
         restore_training_state(self.optimizer, header, tensors)
+        if self.objectives is not None and self.objectives.disc_optimizer is not None:
+            if not restore_other_optimizer(self.objectives.disc_optimizer, "disc", header, tensors):
+                log.warning("%s has no discriminator optimiser state; its moments restart", path)
         state = header.get("trainer", {})
         self.epoch = int(state.get("epoch", 0))
         self.scheduler.last_epoch = int(state.get("global_step", self.epoch * self.steps_per_epoch))
@@ -201,7 +204,8 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "trainer": {"epoch": self.epoch, "global_step": self.scheduler.last_epoch, "best_score": self.best_score, "history": self.history},
         }
-        return save_checkpoint(self.out_dir / f"{name}.safetensors", self.model, extra, self.optimizer if with_optimizer else None)
+        others = {"disc": self.objectives.disc_optimizer} if with_optimizer and self.objectives and self.objectives.disc_optimizer else None
+        return save_checkpoint(self.out_dir / f"{name}.safetensors", self.model, extra, self.optimizer if with_optimizer else None, others)
 
     def train_step(self, batch) -> dict[str, float] | None:
         """One optimisation step; returns the batch's losses (under torchrun: averaged over the ranks).
@@ -271,7 +275,7 @@ class Trainer:
             outputs, head_batches = self._forced_forward(images, batch, tasks)
             losses = self.loss(outputs, batch, head_batches)
         if self.objectives is not None:
-            extra = self.objectives.terms(self.model, images, batch, outputs, self.trained_tasks)
+            extra = self.objectives.terms(self.model, images, batch, outputs, self.trained_tasks, self.scheduler.last_epoch)
             if extra:
                 losses.update(extra)
                 losses["total"] = losses.get("total", 0.0) + sum(extra.values())

@@ -68,7 +68,7 @@ class FewLabelObjectives:
                  lr: float, seed: int) -> None:
         self.semi, self.adversarial = semi, adversarial
         self.counts = ObjectiveCounts()
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.strong = StrongAugment(StrongAugmentConfig(**semi.strong)) if semi else None
         names = model.config.class_names
         self.class_mask = None
@@ -96,11 +96,12 @@ class FewLabelObjectives:
         return allowed & self.class_mask if self.class_mask is not None else allowed
 
     def terms(self, model: MultiCheXNet, images: torch.Tensor, batch: CXRBatch, outputs: dict[str, torch.Tensor],
-              trained: set[str]) -> dict[str, torch.Tensor]:
-        """Weighted extra loss terms for this step (keys ``ssl_cls``, ``seg_consistency``, ``seg_adversarial``)."""
+              trained: set[str], step: int = 0) -> dict[str, torch.Tensor]:
+        """Weighted extra loss terms for global step ``step`` (keys ``ssl_cls``, ``seg_consistency``,
+        ``seg_adversarial``). The strong views are drawn from (seed, step), so a resumed run redraws them."""
         terms: dict[str, torch.Tensor] = {}
         if self.semi and self.semi.weight > 0 and "cls" in trained:
-            term = self._fixmatch(model, images, batch, outputs)
+            term = self._fixmatch(model, images, batch, outputs, np.random.default_rng([self.seed, step]))
             if term is not None:
                 terms["ssl_cls"] = self.semi.weight * term
         if self.semi and self.semi.consistency_weight > 0 and "seg" in outputs:
@@ -113,7 +114,8 @@ class FewLabelObjectives:
             terms["seg_adversarial"] = self.adversarial.weight * segmentor_adversarial_loss(fake)
         return terms
 
-    def _fixmatch(self, model: MultiCheXNet, images: torch.Tensor, batch: CXRBatch, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _fixmatch(self, model: MultiCheXNet, images: torch.Tensor, batch: CXRBatch, outputs: dict[str, torch.Tensor],
+                  rng: np.random.Generator) -> torch.Tensor | None:
         allowed = self._allowed(batch)
         if not (torch.isnan(batch.labels) & allowed).any():
             return None
@@ -126,7 +128,7 @@ class FewLabelObjectives:
         rows = pseudo.targets >= 0 if softmax else ~torch.isnan(pseudo.targets).all(dim=1)
         if not rows.any():
             return None
-        strong, _, _, _ = self.strong.batch(images[rows].contiguous(), None, None, None, self.rng)
+        strong, _, _, _ = self.strong.batch(images[rows].contiguous(), None, None, None, rng)
         channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
         logits = model.cls(model.encode(strong.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)))
         if softmax:
