@@ -64,3 +64,15 @@ def test_batch_select_keeps_rows_aligned(nih_root):
     assert [m["path"] for m in sub.meta] == [batch.meta[i]["path"] for i in (0, 3, 4)]
     assert torch.equal(sub.images, batch.images[[0, 3, 4]])
     assert all(torch.equal(a, batch.boxes[i]) for a, i in zip(sub.boxes, (0, 3, 4)))
+
+
+def test_hiding_the_seg_task_hides_rle_masks_too():
+    from pathlib import Path
+
+    from multichex.data.sources import SampleRef
+    from multichex.training.data import restrict_tasks
+
+    ref = SampleRef(Path("x.png"), "siim", "p1", findings={"Pneumothorax": 1.0}, mask_rle=["1 2"])
+    assert restrict_tasks(ref, ["cls", "seg"]).mask_rle == ["1 2"]
+    hidden = restrict_tasks(ref, ["cls"])
+    assert hidden.mask_rle is None and hidden.mask_path is None and hidden.findings == {"Pneumothorax": 1.0}

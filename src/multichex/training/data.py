@@ -13,6 +13,7 @@ from multichex.data.labels import canonical_name
 from multichex.data.registry import read_source
 from multichex.data.sources import CXRDataset, SampleRef
 from multichex.data.splits import patient_split, save_split
+from multichex.models.config import TASKS
 from multichex.training.config import SourceConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ def restrict_tasks(ref: SampleRef, tasks: list[str]) -> SampleRef:
         findings=ref.findings if "cls" in tasks else {},
         positive=ref.positive if "gate" in tasks else math.nan,
         mask_path=ref.mask_path if "seg" in tasks else None,
+        mask_rle=ref.mask_rle if "seg" in tasks else None,
         boxes_xywh=ref.boxes_xywh if "det" in tasks else None,
         box_names=ref.box_names if "det" in tasks else None,
     )
@@ -114,11 +116,8 @@ def _has_label(ref: SampleRef, task: str) -> bool:
 
 
 def _hide_label(ref: SampleRef, task: str) -> SampleRef:
-    if task == "cls":
-        return replace(ref, findings={}, positive=math.nan)
-    if task == "seg":
-        return replace(ref, mask_path=None, mask_rle=None, mask_box_label=None)
-    return replace(ref, boxes_xywh=None, box_names=None)
+    hidden = {"cls", "gate"} if task == "cls" else {task}  # the gate label is derived from the findings
+    return restrict_tasks(ref, [t for t in TASKS if t not in hidden])
 
 
 def _same_file_key(path: str) -> str:
