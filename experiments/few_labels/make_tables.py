@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import dig  # noqa: E402  (experiments/common.py, beside this folder)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -29,14 +33,6 @@ def load() -> dict[int, dict[str, dict[str, Any]]]:
             runs[run.name] = {path.stem: json.loads(path.read_text()) for path in run.glob("*.json")}
         seeds[int(folder.name.split("-")[1])] = runs
     return seeds
-
-
-def dig(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
 
 
 def values(seeds: dict, run: str, *path: str) -> list[float]:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run  # noqa: E402  (experiments/common.py, beside this folder)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -108,16 +109,6 @@ def cross_runs(seed: int, out: Path) -> dict[str, tuple[dict, list[tuple[str, st
 
 
 FAMILIES = {"budgets": budget_runs, "losses": loss_runs, "cross": cross_runs}
-
-
-def run(command: list[str], log: Path) -> float:
-    print("$", " ".join(command), flush=True)
-    started = time.monotonic()
-    with log.open("w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
-    if result.returncode:
-        sys.exit(f"command failed ({result.returncode}), see {log}")
-    return round(time.monotonic() - started, 1)
 
 
 def run_one(name: str, config: dict, cross: list[tuple[str, str]], keep: Path) -> None:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import dig  # noqa: E402  (experiments/common.py, beside this folder)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -24,14 +28,6 @@ def load_seeds() -> dict[int, dict[str, Any]]:
         if {"multichexnet", "tf100", "bigbang"} <= set(runs):
             seeds[int(folder.name.split("-")[1])] = runs
     return seeds
-
-
-def dig(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
 
 
 def cell(seeds: dict[int, dict[str, Any]], get: Getter) -> str:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run  # noqa: E402  (experiments/common.py, beside this folder)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -32,17 +33,6 @@ DATA = (REPO / ".." / "shared" / "data").resolve()
 PROTOCOL = REPO / "configs" / "multichexnet.yaml"
 SHOTS = "5,10,20,all"
 TRANSFER_DATA = [f"covid-chestxray={DATA / 'covid-chestxray'}", f"covid-chestxray-nc={DATA / 'covid-chestxray-nc'}"]
-
-
-def run(command: list[str], log: Path) -> float:
-    """Run a command, tee its output to ``log``; returns wall seconds."""
-    print("$", " ".join(command), flush=True)
-    started = time.monotonic()
-    with log.open("w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
-    if result.returncode:
-        sys.exit(f"command failed ({result.returncode}), see {log}")
-    return round(time.monotonic() - started, 1)
 
 
 def variant(path: Path, out_dir: Path, seed: int, phases: list[dict]) -> Path:
