@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import (  # noqa: E402  (sibling script, not a package)
     CL, CpuMonitor, bench_shared, build_model, log, machine_info, percentile, source_fingerprint, synthetic_images, time_calls,
-    wait_for_idle,
+    wait_for_idle, warn_if_stale,
 )
 
 from multichex.inference.onnx_runtime import OnnxModel, export_onnx  # noqa: E402
@@ -177,7 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--max-wait-idle", type=float, default=120.0)
+    parser.add_argument("--check-fingerprint", action="store_true",
+                        help="only compare the committed inference.json's model + loss fingerprint with the code's; exit 1 if stale")
     args = parser.parse_args(argv)
+    stale = warn_if_stale(args.out / "inference.json")  # the committed full-run numbers
+    if args.check_fingerprint:
+        if not stale:
+            log(f"{args.out / 'inference.json'} matches the model + loss code ({source_fingerprint()})")
+        return int(stale)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     idle = wait_for_idle(0 if args.quick else args.max_wait_idle)

@@ -153,6 +153,43 @@ def source_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+def recorded_fingerprint(report: dict) -> str | None:
+    """The model + loss fingerprint a results JSON was measured with (``speed.json`` keeps it under
+    ``machine.model_source_sha256_12``, ``inference.json`` also as ``code``); ``None`` if it has none."""
+    machine = report.get("machine")
+    recorded = machine.get("model_source_sha256_12") if isinstance(machine, dict) else None
+    return recorded or report.get("code") or None
+
+
+def stale_results_warning(results_file: Path, current: str | None = None) -> str | None:
+    """A warning when the results in ``results_file`` were measured on other model/loss code than the
+    package's now (``current``, default :func:`source_fingerprint`); ``None`` when the fingerprints match
+    or there is no such file yet."""
+    path = Path(results_file)
+    if not path.is_file():
+        return None
+    current = source_fingerprint() if current is None else current
+    try:
+        recorded = recorded_fingerprint(json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded == current:
+        return None
+    if recorded is None:
+        return (f"WARNING: {path} records no model + loss source fingerprint, so its numbers cannot be tied to the "
+                f"current code ({current}); rerun the full benchmark on an idle machine before quoting them")
+    return (f"WARNING: {path} was measured on model + loss code {recorded}, but the code is now {current}: its numbers "
+            f"are stale; rerun the full benchmark on an idle machine before quoting them")
+
+
+def warn_if_stale(results_file: Path, current: str | None = None) -> bool:
+    """Print :func:`stale_results_warning` to stderr if there is one; True when the results are stale."""
+    message = stale_results_warning(results_file, current)
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    return message is not None
+
+
 def machine_info(threads: int) -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -759,7 +796,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-budget-s", type=float, default=None,
                         help="a section measured while other processes loaded the CPU is redone, until this many seconds "
                              "after the start (default 360, 0 with --quick)")
+    parser.add_argument("--check-fingerprint", action="store_true",
+                        help="only compare the committed speed.json's model + loss fingerprint with the code's; exit 1 if stale")
     args = parser.parse_args(argv)
+    stale = warn_if_stale(args.out / "speed.json")  # the committed full-run numbers
+    if args.check_fingerprint:
+        if not stale:
+            log(f"{args.out / 'speed.json'} matches the model + loss code ({source_fingerprint()})")
+        return int(stale)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +17,7 @@ from rich.table import Table
 
 from multichex import CLINICAL_DISCLAIMER
 from multichex.data.cache_cli import data_app
+from multichex.evaluation.bootstrap import DEFAULT_BOOTSTRAP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=f"Multi-task chest X-ray network. {CLINICAL_DISCLAIMER}")
 app.add_typer(data_app, name="data")
@@ -55,8 +56,10 @@ def _print_metrics(metrics: dict) -> None:
 def run_training(config, resume: bool = False, progress: bool = True) -> tuple[Path, dict]:
     """Split, train, then evaluate the best checkpoint on the held-out test patients.
 
-    Under torchrun every rank trains; rank 0 alone writes split.json and metrics.json and evaluates
-    (the other ranks return empty metrics)."""
+    The run's split is written to ``OUT/split.json`` and recorded (``split_file``, an absolute path) in the
+    config of every checkpoint, so ``evaluate --part`` scores exactly these parts. Under torchrun every
+    rank trains; rank 0 alone writes split.json and metrics.json and evaluates (the other ranks return
+    empty metrics)."""
     from multichex.evaluation.evaluate import evaluate_datasets
     from multichex.training import distributed
     from multichex.training.checkpoint import load_model
@@ -66,6 +69,7 @@ def run_training(config, resume: bool = False, progress: bool = True) -> tuple[P
     distributed.init_from_env()
     out_dir = Path(config.out_dir)
     parts = build_datasets(config, out_dir if distributed.is_main() else None)
+    config = replace(config, split_file=str((out_dir / "split.json").resolve()))  # what this run used, for `evaluate --part`
     trainer = Trainer(config, parts["train"], parts.get("val"), progress=progress)
     if resume:
         trainer.resume()
@@ -76,7 +80,7 @@ def run_training(config, resume: bool = False, progress: bool = True) -> tuple[P
     model, _ = load_model(best)
     metrics = {}
     if parts.get("test"):
-        metrics = evaluate_datasets(model, parts["test"], bootstrap=1000, seed=config.seed)
+        metrics = evaluate_datasets(model, parts["test"], bootstrap=DEFAULT_BOOTSTRAP, seed=config.seed)
     metrics["split"] = {part: {name: len(dataset) for name, dataset in sources.items()} for part, sources in parts.items()}
     metrics["epochs_trained"] = trainer.epoch
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -157,7 +161,7 @@ def train(
         if smoke:
             protocol = smoke_overrides(protocol)
         started = time.monotonic()
-        metrics = ProtocolRunner(protocol, progress=progress, bootstrap=200 if smoke else 1000).run(resume=resume)
+        metrics = ProtocolRunner(protocol, progress=progress, bootstrap=200 if smoke else DEFAULT_BOOTSTRAP).run(resume=resume)
         distributed.cleanup()
         if not main:
             return
@@ -187,18 +191,41 @@ def _parse_source(spec: str):
     return SourceConfig(name=name, root=root or None)
 
 
+def _refuse(message: str) -> NoReturn:
+    """A one-line usage error (exit 2), not a traceback or a wrapped panel."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _recorded_split(checkpoint: Path, header: dict) -> Path:
+    """The split.json a checkpoint's run recorded; refuses when there is none (or it is gone)."""
+    recorded = (header.get("train_config") or {}).get("split_file")
+    if not recorded:
+        _refuse(f"{checkpoint} records no split (its run predates saving one); pass --split with the split.json "
+                "of the run that trained it, or use --part all")
+    if not Path(recorded).is_file():
+        _refuse(f"{checkpoint} records its split as {recorded}, which is not there; pass --split with that run's "
+                "split.json, or use --part all")
+    return Path(recorded)
+
+
 @app.command()
 def evaluate(
     data: list[str] = typer.Argument(..., metavar="SOURCE[=ROOT]...", help="Data sources, e.g. covid-chestxray=../shared/data/covid-chestxray (no ROOT: the bundled copy)."),
     checkpoint: Path = typer.Option(..., exists=True, dir_okay=False, help="Checkpoint (.safetensors)."),
     out: Path = typer.Option(Path("runs/evaluate"), help="Output folder."),
-    part: str = typer.Option("all", help="'all' images, or a part (train/val/test) of the checkpoint's own patient split."),
-    split: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="With --part: take the part from this split.json instead of the checkpoint's."),
-    bootstrap: int = typer.Option(1000, help="Bootstrap resamples (patients) for 95% CIs; 0 disables."),
+    part: str = typer.Option("all", help="'all' images, or a part (train/val/test) of the split the checkpoint's run saved (its split.json)."),
+    split: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="With --part: take the part from this split.json instead of the one the checkpoint records."),
+    bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, help="Bootstrap resamples (patients) for the 95% CIs of every head; 0 disables."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     tasks: str = typer.Option("cls,gate,seg,det", help="Comma-separated labels to score (others are ignored), e.g. seg."),
 ) -> None:
-    """Per-head metrics with patient-bootstrap 95% CIs on the given data; writes metrics.json and report.md."""
+    """Per-head metrics with patient-bootstrap 95% CIs on the given data; writes metrics.json and report.md.
+
+    ``--part`` keeps the given sources' images that the training run's saved split puts in that part (images
+    it never split are left out); the split is never recomputed, since other sources or limits would move
+    patients between parts.
+    """
     from multichex.evaluation.evaluate import evaluate_datasets
     from multichex.evaluation.report import write_markdown_report
     from multichex.training.checkpoint import load_model
@@ -214,11 +241,13 @@ def evaluate(
     if part == "all":
         config = TrainConfig(model=model.config, sources=sources, split={"all": 1.0})
     else:
-        if "train_config" not in header:
-            raise typer.BadParameter("this checkpoint records no training split; use --part all")
-        config = TrainConfig.from_dict({**header["train_config"], "sources": [s.__dict__ for s in sources],
-                                        **({"split_file": str(split)} if split else {})})
-    datasets = build_datasets(config, whole_caches=part == "all").get(part, {})
+        split_path = split if split is not None else _recorded_split(checkpoint, header)
+        base = header.get("train_config") or {"model": header["model"]}
+        config = TrainConfig.from_dict({**base, "sources": [s.__dict__ for s in sources], "split_file": str(split_path)})
+    try:
+        datasets = build_datasets(config, unlisted="skip").get(part, {})
+    except (ValueError, FileNotFoundError) as error:
+        _refuse(str(error))
     if not datasets:
         raise typer.BadParameter(f"no images in part {part!r} of the given sources")
     metrics = evaluate_datasets(model, datasets, bootstrap=bootstrap, seed=seed)
@@ -243,7 +272,7 @@ def transfer(
     lr: float = typer.Option(1e-3, help="Learning rate."),
     encoder: str = typer.Option("lite", help="Encoder for --from scratch."),
     image_size: int = typer.Option(256, help="Image size for --from scratch (a checkpoint brings its own)."),
-    bootstrap: int = typer.Option(1000, help="Bootstrap resamples (patients) for 95% CIs."),
+    bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, help="Bootstrap resamples (patients) for the 95% CIs of every head."),
     progress: bool = typer.Option(False, help="Show progress bars."),
 ) -> None:
     """Transfer the classifier to new classes (§3.9): keep θ_enc and θ_feats, train a fresh θ_dec; few-shot curve."""

@@ -377,3 +377,100 @@ def test_prepare_reads_a_native_layout(tmp_path):
     assert manifest["options"]["reader"] == "multichex.data.native.kermany.read_kermany"
     with pytest.raises(ValueError, match="unknown source"):
         prepare_cache("no-such-source", tmp_path, tmp_path / "cache2", size=32, workers=1, progress=False)
+
+
+def test_prepared_box_of_unknown_class_makes_image_unannotated(nih_src, nih_cache, caplog):
+    """The cache keeps every box; a class outside ``box_classes`` (here Hernia) → boxes unknown, as for raw folders."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="multichex.data.sources"):
+        prepared = PreparedDataset(nih_cache, CLASSES, BOX_CLASSES, SIZE)
+        samples = [prepared[i] for i in range(len(prepared))]
+    by_name = {Path(s.meta["path"]).name: s for s in samples}
+    assert by_name["n3p001_1.png"].boxes is None
+    assert by_name["n3p000_0.png"].boxes is not None and len(by_name["n3p000_0.png"].boxes) >= 1
+    warnings = [r.getMessage() for r in caplog.records if "not among the box classes" in r.getMessage()]
+    assert len(warnings) == 1 and "Hernia" in warnings[0] and "1 of " in warnings[0], warnings
+    raw = raw_dataset_like(prepared, read_source("nih-cxr14-bbox", nih_src))
+    for index in range(len(raw)):
+        assert_same_sample(prepared[index], raw[index])
+
+
+# --------------------------------------------------------------------------- caches in a run: options and the joint split
+
+
+def _train_config(sources: list, seed: int = 0, **overrides):
+    from multichex.models.config import ModelConfig
+    from multichex.training.config import TrainConfig
+
+    model = ModelConfig(encoder="lite-small", image_size=SIZE, class_names=CLASSES, box_classes=BOX_CLASSES)
+    return TrainConfig(model=model, sources=sources, seed=seed, split={"train": 0.5, "val": 0.25, "test": 0.25},
+                       augment=AugmentConfig(enabled=False), **overrides)
+
+
+def _by_path(dataset) -> dict[str, int]:
+    return {str(ref.image_path): index for index, ref in enumerate(dataset.refs)}
+
+
+def test_cache_source_gets_the_label_options_of_its_raw_source(covid_src, covid_cache):
+    """classes / none_class / negative_for / label_budget / limit act on a cache exactly as on its raw folder."""
+    from multichex.training.config import SourceConfig
+    from multichex.training.data import build_datasets
+
+    options = {"classes": ["COVID-19"], "none_class": "No Finding", "negative_for": ["Mass"], "tasks": ["cls", "gate", "seg"]}
+    raw = build_datasets(_train_config([SourceConfig("covid-chestxray", str(covid_src), **options)]))
+    cached = build_datasets(_train_config([SourceConfig("covid-chestxray", prepared=str(covid_cache), **options)]))
+    assert set(raw) == set(cached)
+    for part in raw:
+        raw_set, cached_set = raw[part]["covid-chestxray"], cached[part]["covid-chestxray"]
+        assert isinstance(cached_set, PreparedDataset)
+        raw_index, cached_index = _by_path(raw_set), _by_path(cached_set)
+        assert set(raw_index) == set(cached_index), part  # same patients in the same part
+        for path, index in raw_index.items():
+            assert_same_sample(cached_set[cached_index[path]], raw_set[index])
+        mass = cached_set[0].labels[CLASSES.index("Mass")]
+        assert (float(mass) == 0.0) == (part == "train")  # negative_for is a training-only option
+    budget = {"label_budget": {"seg": 2, "cls": 3}}
+    train = build_datasets(_train_config([SourceConfig("covid-chestxray", prepared=str(covid_cache), **budget)]))["train"]["covid-chestxray"]
+    samples = [train[i] for i in range(len(train))]
+    assert len(samples) > 3
+    assert sum(s.mask is not None for s in samples) == 2
+    assert sum(not torch.isnan(s.labels).all() for s in samples) == 3
+    limited = build_datasets(_train_config([SourceConfig("covid-chestxray", prepared=str(covid_cache), limit=5)]))
+    assert sum(len(dataset) for sources in limited.values() for dataset in sources.values()) == 5
+
+
+def test_cache_source_refuses_options_fixed_at_preparation(covid_cache):
+    from multichex.training.config import SourceConfig
+    from multichex.training.data import build_datasets
+
+    with pytest.raises(ValueError, match="reader options"):
+        build_datasets(_train_config([SourceConfig("covid-chestxray", prepared=str(covid_cache), options={"uncertain": "ones"})]))
+    with pytest.raises(ValueError, match="resample_to"):
+        build_datasets(_train_config([SourceConfig("covid-chestxray", prepared=str(covid_cache), resample_to=16)]))
+
+
+def test_cached_and_raw_sources_split_jointly_with_the_run_seed(tmp_path, cxr_factory):
+    """covid-chestxray (raw) and hannover-covid19 (cached) share patients: none of them in two parts, for any
+    seed; and the cached source's split follows the run's seed, not the one it was prepared with."""
+    from multichex.training.config import SourceConfig
+    from multichex.training.data import build_datasets
+
+    shared = [f"H{i:03d}" for i in range(10)]
+    covid = cxr_factory.covid(tmp_path / "covid", n_patients=12, per_patient=2, seed=21, size=SIZE, hannover_ids=shared + [None, None])
+    hannover = cxr_factory.hannover(tmp_path / "hannover", shared + ["H100", "H101"], per_patient=2, size=SIZE)
+    cache = tmp_path / "hannover-cache"
+    prepare_cache("hannover-covid19", hannover, cache, SIZE, workers=1, progress=False)
+    cached_parts = []
+    for seed in range(6):
+        config = _train_config([SourceConfig("covid-chestxray", str(covid)), SourceConfig("hannover-covid19", prepared=str(cache))], seed=seed)
+        parts = build_datasets(config)
+        owner: dict[str, str] = {}
+        for part, sources in parts.items():
+            for dataset in sources.values():
+                for ref in dataset.refs:
+                    assert owner.setdefault(ref.patient_id, part) == part, (seed, ref.patient_id)
+        assert sum(len(d) for sources in parts.values() for d in sources.values()) == 48
+        cached_parts.append({part: sorted(str(r.image_path) for r in sources["hannover-covid19"].refs)
+                             for part, sources in parts.items() if "hannover-covid19" in sources})
+    assert any(parts != cached_parts[0] for parts in cached_parts[1:])

@@ -417,3 +417,36 @@ def test_shared_patient_does_not_eat_its_stratums_quota():
         assert all(a_counts[part] >= 3 for part in ("val", "test")), (seed, a_counts)
         where = {part for part, idx in parts.items() for i in idx if ids[i] == "shared"}
         assert len(where) == 1
+
+
+def test_box_of_unknown_class_makes_image_unannotated_not_negative(tmp_path, caplog):
+    """A box class outside ``box_classes`` must never turn a positive image into "annotated, no lesion"."""
+    import logging
+
+    from PIL import Image
+
+    for name in ("partial.png", "unknown.png", "known.png", "empty.png"):
+        Image.fromarray(np.full((40, 40), 128, dtype=np.uint8)).save(tmp_path / name)
+    refs = [
+        SampleRef(tmp_path / "partial.png", "t", "p1", {"Mass": 1.0}, 1.0,
+                  boxes_xywh=[(2, 2, 8, 8), (20, 20, 6, 6)], box_names=["Mass", "Hernia"]),
+        SampleRef(tmp_path / "unknown.png", "t", "p2", {"Pneumonia": 1.0}, 1.0,
+                  boxes_xywh=[(4, 4, 10, 10)], box_names=["Lung Opacity"]),
+        SampleRef(tmp_path / "known.png", "t", "p3", {"Mass": 1.0}, 1.0,
+                  boxes_xywh=[(10, 10, 8, 8)], box_names=["Mass"]),
+        SampleRef(tmp_path / "empty.png", "t", "p4", {"Mass": 0.0}, 0.0, boxes_xywh=[], box_names=[]),
+    ]
+    with caplog.at_level(logging.WARNING, logger="multichex.data.sources"):
+        data = CXRDataset(refs, ["Mass"], ["Mass", "Nodule"], 40, augment=None)
+        samples = [data[i] for i in range(len(data))] + [data[i] for i in range(len(data))]
+    partial, unknown, known, empty = samples[:4]
+    assert partial.boxes is None and partial.box_labels is None  # incomplete annotation → unknown, not negative
+    assert unknown.boxes is None and unknown.box_labels is None
+    assert known.boxes.tolist() == [[10.0, 10.0, 18.0, 18.0]] and known.box_labels.tolist() == [0]
+    assert empty.boxes.shape == (0, 4)  # explicitly annotated as "no lesion" stays so
+    assert [s.positive for s in samples[:4]] == [1.0, 1.0, 1.0, 0.0]  # the gate label is untouched
+    batch = collate_samples(samples[:4])
+    assert batch.has_boxes.tolist() == [False, False, True, True]
+    warnings = [r.getMessage() for r in caplog.records if "not among the box classes" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # one warning per data set, not one per image
+    assert "2 of 4" in warnings[0] and "Hernia" in warnings[0] and "Lung Opacity" in warnings[0]

@@ -170,7 +170,8 @@ def test_summarize_reports_new_metrics_with_intervals() -> None:
     seg = metrics["segmentation"]
     for key in SEGMENTATION_KEYS:
         entry = seg[key]
-        assert set(entry) == {"value", "low", "high", "n_groups"}
+        assert set(entry) == {"value", "low", "high", "n_groups", "n_resamples", "n_skipped"}
+        assert entry["n_resamples"] == 50
         assert entry["low"] is not None and entry["low"] <= entry["value"] <= entry["high"]
         assert entry["n_groups"] == 5
     assert seg["dice"]["value"] == pytest.approx(float(np.mean(out.dice)))

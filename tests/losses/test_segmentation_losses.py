@@ -151,3 +151,62 @@ def test_deep_supervision_and_consistency_backpropagate() -> None:
     consistency_kl(labelled, unlabelled).backward()
     for t in (labelled, unlabelled):  # gradient reaches both batches
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+def _kl_by_hand(probs: list[float], target: list[float], eps: float) -> float:
+    """Σ over pixels of |(y − p)·log((y + ε)/(p + ε))| + the same for the background channel, one image."""
+    import math
+
+    total = 0.0
+    for p, y in zip(probs, target):
+        total += abs((y - p) * math.log((y + eps) / (p + eps)))
+        total += abs(((1 - y) - (1 - p)) * math.log((1 - y + eps) / (1 - p + eps)))
+    return total
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-3, 0.1])
+def test_kl_term_matches_a_hand_computation_with_its_eps_and_reduction(eps: float) -> None:
+    """APPAU-Net eq. 3 sums the absolute KL over the m² pixels (per image; images are averaged): the
+    default. ``kl_reduction: mean`` averages over pixels instead; ``kl_eps`` is the ε inside the logs."""
+    target = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]], [[[0.0, 1.0], [0.0, 0.0]]]])
+    probs = torch.tensor([[[[0.8, 0.4], [0.3, 0.1]]], [[[0.2, 0.9], [0.6, 0.05]]]])
+    logits = torch.logit(probs)
+    per_image = [_kl_by_hand(probs[i].flatten().tolist(), target[i].flatten().tolist(), eps) for i in range(2)]
+    summed = sum(per_image) / 2
+    assert kl_abs_loss(logits, target, eps).item() == pytest.approx(summed, rel=1e-5)
+    assert kl_abs_loss(logits, target, eps, "mean").item() == pytest.approx(summed / 4, rel=1e-5)
+    tv = tversky_loss(logits, target, 0.3, 0.7).item()
+    kltv = make_segmentation_loss("kl_tversky", a=0.5, b=2.0, kl_eps=eps)
+    assert kltv(logits, target).item() == pytest.approx(0.5 * summed + 2.0 * tv, rel=1e-5)
+    kltv_mean = make_segmentation_loss("kl_tversky", kl_eps=eps, kl_reduction="mean")
+    assert kltv_mean(logits, target).item() == pytest.approx(summed / 4 + tv, rel=1e-5)
+
+
+def test_kl_eps_weighs_the_kl_term_on_hard_masks() -> None:
+    """On a hard mask a wrong pixel costs ≈ |y − p|·log(1/ε): a smaller ε is a larger KL weight."""
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :] = 1.0
+    logits = torch.zeros(1, 1, 4, 4)  # p = 0.5 everywhere
+    small, large = (make_segmentation_loss("kl_tversky", b=0.0, kl_eps=e)(logits, target).item() for e in (1e-6, 1e-2))
+    assert small > large > 0
+    import math
+
+    # every pixel: 0.5·log((1 + ε)/(0.5 + ε)) + 0.5·log((0.5 + ε)/ε) (one channel right, one wrong), 16 pixels.
+    per_pixel = lambda e: 0.5 * math.log((1 + e) / (0.5 + e)) + 0.5 * math.log((0.5 + e) / e)  # noqa: E731
+    assert small == pytest.approx(16 * per_pixel(1e-6), rel=1e-5) and large == pytest.approx(16 * per_pixel(1e-2), rel=1e-5)
+
+
+def test_kl_settings_are_validated() -> None:
+    from multichex.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="kl_reduction"):
+        make_segmentation_loss("kl_tversky", kl_reduction="max")
+    with pytest.raises(ValueError, match="kl_eps"):
+        make_segmentation_loss("kl_tversky", kl_eps=0.0)
+    with pytest.raises(ValueError, match="kl_reduction"):
+        TrainConfig(seg_loss={"name": "kl_tversky", "kl_reduction": "median"})
+    with pytest.raises(ValueError, match="kl_eps"):
+        TrainConfig(seg_loss={"name": "kl_tversky", "kl_eps": -1.0})
+    with pytest.raises(ValueError, match="gamma"):
+        TrainConfig(seg_loss={"name": "tversky", "gamma": 2.0})
+    assert TrainConfig(seg_loss={"name": "kl_tversky", "kl_eps": 1e-4, "kl_reduction": "mean"}).seg_loss["kl_reduction"] == "mean"

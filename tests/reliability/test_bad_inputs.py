@@ -326,13 +326,14 @@ def test_dataset_failure_reasons(corpus):
 
 
 def test_unknown_box_label_is_ignored(corpus):
+    """The sample is kept; its box annotation becomes unknown (None), never "annotated, no lesion"."""
     pairs = {case.name: ref for case, ref in _dataset_refs(corpus)}
     unknown = pairs["NIH unknown label: box ignored, sample kept"]
     known = pairs["NIH valid box"]
     assert unknown.box_names == ["Dragon"]
     dataset = CXRDataset([unknown, known], CLASSES, BOX_CLASSES, image_size=32, cache=False)
     sample_unknown, sample_known = dataset[0], dataset[1]
-    assert sample_unknown is not None and sample_unknown.boxes.shape == (0, 4)
+    assert sample_unknown is not None and sample_unknown.boxes is None
     assert sample_known is not None and sample_known.boxes.shape == (1, 4)
     assert not dataset.failures
 

@@ -60,6 +60,75 @@ def test_fixmatch_gives_no_loss_when_no_prediction_reaches_the_threshold():
     assert terms["ssl_cls"] > 0 and terms["ssl_cls"].requires_grad
 
 
+def unlabelled_batch(n: int, classes: int):
+    from multichex.data.record import CXRSample, collate_samples
+
+    return collate_samples([CXRSample(torch.rand(1, 64, 64), torch.full((classes,), math.nan)) for _ in range(n)])
+
+
+def constant_classifier(model: MultiCheXNet, bias: torch.Tensor) -> MultiCheXNet:
+    """The classifier's logits are ``bias`` whatever the image (so the strong view's logits are known)."""
+    with torch.no_grad():
+        model.cls.dec.weight.zero_()
+        model.cls.dec.bias.copy_(bias)
+    return model.eval()
+
+
+def test_softmax_pseudo_labels_fire_with_a_class_subset():
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.85, 0.05], [0.4, 0.3, 0.3], [0.05, 0.1, 0.85]])
+    allowed = torch.tensor([True, True, False]).expand(4, 3)  # the third class gets no pseudo-label
+    out = pseudo_labels(probs, torch.full((4, 3), math.nan), 0.7, softmax=True, allowed=allowed)
+    assert out.candidates == 4 and out.kept == 2
+    assert out.targets.tolist() == [0, 1, -1, -1]  # the last image's top class is not among the subset
+    known = torch.tensor([[1.0, 0.0, 0.0]] + [[math.nan] * 3] * 3)  # an image with a known label is no candidate
+    assert pseudo_labels(probs, known, 0.7, softmax=True, allowed=allowed).candidates == 3
+    names = ["Mass", "COVID-19", "No Finding"]
+    model = constant_classifier(tiny(cls_activation="softmax", class_names=names), torch.tensor([4.0, 0.0, 0.0]))
+    objectives = FewLabelObjectives(model, SemiSupervisedConfig(weight=1.0, classes=["Mass", "COVID-19"]), None, 1e-3, 0)
+    batch = unlabelled_batch(3, 3)
+    terms = objectives.terms(model, batch.images, batch, {"cls": model.cls(model.encode(batch.images))}, {"cls"})
+    assert objectives.counts.values == {"ssl_candidates": 3, "ssl_pseudo_labels": 3}
+    assert terms["ssl_cls"] > 0
+
+
+@pytest.mark.parametrize("normalise", ["all", "confident"])
+def test_fixmatch_averages_over_every_unlabelled_entry(normalise):
+    """FixMatch: the confidence mask multiplies the per-entry loss and the mean runs over every unlabelled
+    entry (``normalise: all``, the default); ``confident`` divides by the confident entries only."""
+    bias = torch.linspace(-2.0, 2.0, 10)
+    model = constant_classifier(tiny(), bias)
+    config = SemiSupervisedConfig(threshold=0.7, weight=1.0) if normalise == "all" else SemiSupervisedConfig(threshold=0.7, weight=1.0, normalise=normalise)
+    objectives = FewLabelObjectives(model, config, None, 1e-3, 0)
+    batch = unlabelled_batch(4, 10)
+    weak = torch.zeros(4, 10)  # p = 0.5: no pseudo-label
+    weak[:, :5] = torch.tensor([5.0, -5.0, 5.0, -5.0, 5.0])  # half the entries confident (positive or negative)
+    terms = objectives.terms(model, batch.images, batch, {"cls": weak}, {"cls"})
+    assert objectives.counts.values == {"ssl_candidates": 40, "ssl_pseudo_labels": 20}
+    targets = (weak[:, :5] > 0).float()
+    masked = torch.nn.functional.binary_cross_entropy_with_logits(bias[:5].expand(4, 5), targets, reduction="sum")
+    expected = masked / (40 if normalise == "all" else 20)
+    assert float(terms["ssl_cls"].detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_fixmatch_softmax_averages_over_every_unlabelled_image():
+    names = ["Mass", "COVID-19", "No Finding"]
+    bias = torch.tensor([0.5, -0.3, 0.1])
+    model = constant_classifier(tiny(cls_activation="softmax", class_names=names), bias)
+    objectives = FewLabelObjectives(model, SemiSupervisedConfig(threshold=0.7, weight=1.0), None, 1e-3, 0)
+    batch = unlabelled_batch(4, 3)
+    weak = torch.tensor([[6.0, 0.0, 0.0], [0.0, 0.0, 6.0], [0.0, 0.0, 0.0], [0.1, 0.0, 0.0]])  # two confident images
+    terms = objectives.terms(model, batch.images, batch, {"cls": weak}, {"cls"})
+    expected = torch.nn.functional.cross_entropy(bias.expand(2, 3), torch.tensor([0, 2]), reduction="sum") / 4
+    assert float(terms["ssl_cls"].detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_semi_supervised_normalise_is_validated():
+    with pytest.raises(ValueError, match="normalise"):
+        SemiSupervisedConfig(normalise="kept")
+    with pytest.raises(ValueError, match="normalise"):
+        TrainConfig(model=model_config(), semi_supervised={"normalise": "mean"})
+
+
 # --------------------------------------------------------------------------- model options
 
 

@@ -115,3 +115,65 @@ def test_the_classifier_head_can_be_the_gate(tmp_path):
     handle.remove()
     assert not calls  # the separate gate module never ran
     assert images_reaching(tiny_trainer(tmp_path / "b", p=0.0, threshold=2.0, source="classifier", classes=["Mass"]), batch) == 0
+
+
+def test_teacher_forced_segmentation_trains_with_the_few_label_objectives(tmp_path):
+    """The segmentation head runs on the forced rows only: consistency, the adversarial pairs and deep
+    supervision must use those rows (and their masks), not the whole batch."""
+    model = ModelConfig(encoder="lite-small", image_size=64, class_names=["Mass", "COVID-19", "No Finding"], box_classes=["Mass"],
+                        anchors=[[0.2, 0.2]], cls_hidden=32, seg_deep_supervision=True, discriminator_classes=["Mass", "COVID-19"])
+    config = TrainConfig(model=model, out_dir=str(tmp_path), trainable=["encoder", "cls", "seg"], teacher_forcing={"p": 1.0, "heads": ["seg"]},
+                         semi_supervised={"consistency_weight": 0.1, "threshold": 0.55}, adversarial={"weight": 0.1},
+                         seg_side_weights=[0.25, 0.5, 1.0], augment={"enabled": False}, steps_per_epoch=1, epochs=1)
+    trainer = Trainer(config, {"dummy": [None]}, progress=False)
+    fake_rows: list[int] = []
+    handle = trainer.model.disc.register_forward_hook(lambda module, args, out: fake_rows.append(args[0].shape[0]))
+    try:
+        losses = trainer.train_step(batch_of(KINDS))
+    finally:
+        handle.remove()
+    assert losses is not None and np.isfinite(losses["total"]) and np.isfinite(losses["seg"])
+    assert np.isfinite(losses["seg_adversarial"])
+    assert trainer.objectives.counts.values["disc_steps"] == 1
+    # p = 1: the three ground-truth positives reach the head; the segmentor's term and the discriminator's
+    # real and predicted pairs all use those three rows (not the 7 images with a mask, nor all 8).
+    assert fake_rows == [3, 3, 3]
+    # Every row that reaches a teacher-forced head has a mask, so no unlabelled row is there to be consistent with.
+    assert "seg_consistency" not in losses
+
+
+def test_a_training_classifier_gate_decides_as_in_eval_mode(tmp_path, monkeypatch):
+    """gate.source = classifier with the classifier training: the gate's decision is taken without dropout
+    (as at inference), the heads go back to train mode, and nothing of the decision pass is learnt."""
+    import multichex.training.loop as loop
+
+    model = ModelConfig(encoder="lite-small", image_size=64, class_names=["Mass", "COVID-19", "No Finding"], box_classes=["Mass"],
+                        anchors=[[0.2, 0.2]], cls_hidden=32, gate=GateConfig(source="classifier", classes=["Mass"]))
+    config = TrainConfig(model=model, out_dir=str(tmp_path), trainable=["cls", "seg"], teacher_forcing={"p": 0.0, "heads": ["seg"]},
+                         augment={"enabled": False}, steps_per_epoch=1, epochs=1)
+    trainer = Trainer(config, {"dummy": [None]}, progress=False)
+    trainer.model.cls.feats[-1].p = 0.9  # heavy dropout: a train-mode decision would be noise
+    with torch.no_grad():
+        trainer.model.cls.dec.weight.mul_(100.0)  # spread the fresh classifier's probabilities around the threshold
+    batch = batch_of(["pos", "neg"] * 8)
+    with torch.no_grad():
+        probs = trainer.model.eval().gate_probability(trainer.model(batch.images.contiguous(memory_format=torch.channels_last), ["cls"]))
+    trainer.model.config.gate.threshold = float(probs.median())
+    expected = probs >= trainer.model.config.gate.threshold
+    assert 0 < int(expected.sum()) < len(expected)
+    seen: list[torch.Tensor] = []
+
+    def spy(batch, head, gate_passed, *args, **kwargs):
+        seen.append(gate_passed.clone())
+        return select_for_head(batch, head, gate_passed, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "select_for_head", spy)
+    trainer._train_mode()
+    for _ in range(3):
+        with torch.no_grad():
+            probs = trainer.model.eval().gate_probability(trainer.model(batch.images.contiguous(memory_format=torch.channels_last), ["cls"]))
+        trainer._train_mode()
+        trainer.train_step(batch)
+        assert torch.equal(seen[-1], probs >= trainer.model.config.gate.threshold)
+        assert trainer.model.cls.training and trainer.model.cls.feats[-1].training and trainer.model.seg.training
+        assert not seen[-1].requires_grad

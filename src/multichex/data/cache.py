@@ -13,7 +13,9 @@ Layout of a cache folder ``DIR`` (written by :func:`prepare_cache`, read by :cla
     while ``[]`` in ``boxes`` means "annotated, no lesion". ``findings`` holds only the labels the
     source gives (canonical name → 0/1); an absent key is NaN (unknown).
 ``split.json``
-    patient-wise parts (ids per part), stratified as described in :func:`make_split`.
+    patient-wise parts (ids per part), stratified as described in :func:`make_split`: for ``data info``
+    and ``PreparedDataset(part=...)``. A training run does not use it: it splits a cache together with
+    its other sources, with its own seed (``multichex.training.data.split_sources``).
 ``errors.csv``
     ``path,reason`` of every source item that could not be prepared (sorted by path).
 ``manifest.json``
@@ -427,6 +429,7 @@ def _options(source: str, root: Path, size: int, limit: int | None) -> dict[str,
         "size": size,
         "limit": limit,
         "reader": _reader_name(source),
+        "reader_options": {},  # prepare reads with the reader's defaults (see cache_reader_options)
         "png_compress_level": PNG_COMPRESS_LEVEL,
         "intensity": "normalize_intensity(low_pct=0.5, high_pct=99.5)",
         "letterbox": "Letterbox.fit + bilinear antialiased resize, zero padding; masks thresholded at 0.5",
@@ -654,32 +657,85 @@ class PreparedItem:
     original_size: tuple[int, int]
 
 
-def _record_to_ref(record: dict[str, Any], tasks: Sequence[str], mask_box_label: str | None) -> SampleRef:
-    """Labels, provenance and meta of a record as a :class:`SampleRef` (tasks not in ``tasks`` hidden)."""
+ALL_TASKS = ("cls", "gate", "seg", "det")
+
+
+@dataclass
+class CachedRef(SampleRef):
+    """A :class:`SampleRef` read from a prepared cache (``cache_dir``): its pixels, mask and boxes are
+    loaded from there, by :class:`PreparedDataset`. ``dataclasses.replace`` keeps the type, so the
+    option functions that relabel refs keep this mark too."""
+
+    cache_dir: Path | None = None
+
+
+def _record_letterbox(record: dict[str, Any]) -> Letterbox:
+    return Letterbox(record["orig_height"], record["orig_width"], record["size"], record["scale"], record["pad_x"], record["pad_y"])
+
+
+def _record_to_ref(record: dict[str, Any], cache_dir: Path, tasks: Sequence[str] = ALL_TASKS,
+                   mask_box_label: str | None = None) -> CachedRef:
+    """Labels, provenance and meta of a record as a :class:`SampleRef` (tasks not in ``tasks`` hidden).
+
+    ``mask_path`` is the cached (letterboxed) mask and ``boxes_xywh`` the cached boxes mapped back to
+    original pixels: they say which annotations the image has, so the option functions that read or
+    hide them (``restrict_tasks``, label budgets, ...) treat cached and raw refs alike. Only
+    :class:`PreparedDataset` can load such a ref (a :class:`CachedRef`): it reads the pixels and boxes
+    from the cache.
+    """
     positive = record["positive"]
-    return SampleRef(
+    boxes = names = None
+    if "det" in tasks and record["boxes"] is not None:
+        xyxy = torch.tensor(record["boxes"], dtype=torch.float64).reshape(-1, 4)
+        original = _record_letterbox(record).invert_boxes(xyxy)
+        boxes = [(x1, y1, x2 - x1, y2 - y1) for x1, y1, x2, y2 in original.tolist()]
+        names = list(record["box_names"] or [])
+    return CachedRef(
         image_path=Path(record["path"]),
         dataset=record["dataset"],
         patient_id=record["patient_id"],
         findings=dict(record["findings"] or {}) if "cls" in tasks else {},
         positive=float(positive) if positive is not None and "gate" in tasks else math.nan,
+        cache_dir=cache_dir,
+        mask_path=cache_dir / record["mask"] if record["mask"] and "seg" in tasks else None,
+        boxes_xywh=boxes,
+        box_names=names,
         mask_box_label=mask_box_label,
         extra=dict(record["extra"] or {}),
     )
 
 
-def _record_to_item(record: dict[str, Any], cache_dir: Path, tasks: Sequence[str]) -> PreparedItem:
-    """Files, boxes and letterbox of a record (mask / boxes dropped for tasks not in ``tasks``)."""
+def _record_to_item(record: dict[str, Any], cache_dir: Path, ref: SampleRef) -> PreparedItem:
+    """Files, boxes and letterbox of a record, keeping the annotations ``ref`` still has: no mask when
+    its ``mask_path`` is None, no boxes when its ``boxes_xywh`` is None, known-empty boxes when the ref
+    says ``[]`` (e.g. ``empty_boxes_for_negatives``) but the record has none."""
     height, width = record["orig_height"], record["orig_width"]
-    keep_boxes = "det" in tasks and record["boxes"] is not None
+    boxes = box_names = None
+    if ref.boxes_xywh is not None:
+        boxes, box_names = (record["boxes"], record["box_names"]) if record["boxes"] is not None else ([], [])
     return PreparedItem(
         image=cache_dir / record["image"],
-        mask=cache_dir / record["mask"] if record["mask"] and "seg" in tasks else None,
-        boxes=record["boxes"] if keep_boxes else None,
-        box_names=record["box_names"] if keep_boxes else None,
-        letterbox=Letterbox(height, width, record["size"], record["scale"], record["pad_x"], record["pad_y"]),
+        mask=cache_dir / record["mask"] if record["mask"] and ref.mask_path is not None else None,
+        boxes=boxes,
+        box_names=box_names,
+        letterbox=_record_letterbox(record),
         original_size=(height, width),
     )
+
+
+def cache_refs(cache_dir: str | Path) -> list[SampleRef]:
+    """Every cached image as a :class:`SampleRef` with all its labels, in index (id) order: the list a
+    run filters and splits like a raw source's, then loads with ``PreparedDataset(..., refs=...)``."""
+    cache_dir = Path(cache_dir)
+    return [_record_to_ref(r, cache_dir) for r in read_index(cache_dir)]
+
+
+def cache_reader_options(cache_dir: str | Path) -> dict[str, Any]:
+    """The reader options the cache was prepared with (``{}``: the reader's defaults)."""
+    manifest = Path(cache_dir) / MANIFEST_NAME
+    if not manifest.exists():
+        return {}
+    return dict(json.loads(manifest.read_text(encoding="utf-8")).get("options", {}).get("reader_options") or {})
 
 
 def cache_size(cache_dir: str | Path) -> int:
@@ -703,6 +759,11 @@ class PreparedDataset(CXRDataset):
     (like ``SourceConfig.tasks``); ``boxes_from_masks`` fits boxes of that class to the masks of items
     without boxes (like ``SourceConfig.boxes_from_masks``). ``cache`` is off by default: PNG decoding
     is cheap and in-memory copies would be duplicated per DataLoader worker.
+
+    ``refs`` (from :func:`cache_refs`, then filtered and relabelled like a raw source's refs, e.g. by a
+    run's source options and split) replaces ``part``/``tasks``/``boxes_from_masks``: the data set holds
+    those images, in that order, with those refs' labels; a mask or boxes the ref no longer has are not
+    loaded.
     """
 
     def __init__(
@@ -717,17 +778,36 @@ class PreparedDataset(CXRDataset):
         part: str | None = None,
         tasks: Sequence[str] = ("cls", "gate", "seg", "det"),
         boxes_from_masks: str | None = None,
+        refs: Sequence[SampleRef] | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         size = cache_size(self.cache_dir)
         if image_size != size:
             raise ValueError(f"{self.cache_dir} was prepared at {size} px but image_size is {image_size}; prepare it again at {image_size}")
-        records = self._select(read_index(self.cache_dir), part)
-        tasks = list(tasks)
-        super().__init__([_record_to_ref(r, tasks, boxes_from_masks) for r in records], class_names, box_classes, image_size, augment, seed, cache)
+        if refs is None:
+            records = self._select(read_index(self.cache_dir), part)
+            refs = [_record_to_ref(r, self.cache_dir, list(tasks), boxes_from_masks) for r in records]
+        else:
+            if part is not None:
+                raise ValueError("PreparedDataset: give either `part` or `refs`, not both")
+            records = self._records_of(refs)
+        refs = list(refs)
+        self.items = [_record_to_item(r, self.cache_dir, ref) for r, ref in zip(records, refs)]  # before super(): its checks read the boxes
+        super().__init__(refs, class_names, box_classes, image_size, augment, seed, cache)
         self.part = part
-        self.items = [_record_to_item(r, self.cache_dir, tasks) for r in records]
         self.ids = [r["id"] for r in records]
+
+    def _annotated_box_names(self) -> list[list[str] | None]:
+        """Box class names of each item as :meth:`_load` reads them: the cached boxes it keeps (see ``_record_to_item``)."""
+        return [(item.box_names or []) if item.boxes is not None else None for item in self.items]
+
+    def _records_of(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
+        """The index record of each ref (matched by original image path)."""
+        by_path = {str(Path(r["path"])): r for r in read_index(self.cache_dir)}
+        missing = [str(ref.image_path) for ref in refs if str(Path(ref.image_path)) not in by_path]
+        if missing:
+            raise ValueError(f"{self.cache_dir}: {len(missing)} refs are not images of this cache (e.g. {missing[0]})")
+        return [by_path[str(Path(ref.image_path))] for ref in refs]
 
     def _select(self, records: list[dict[str, Any]], part: str | None) -> list[dict[str, Any]]:
         """The records of one split part (all when ``part`` is None)."""

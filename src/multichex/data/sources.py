@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -239,6 +240,7 @@ class CXRDataset(Dataset):
         self.epoch = 0
         self.cache: dict[int, tuple] | None = {} if cache else None
         self.failures: dict[str, str] = {}
+        self._warn_unknown_box_classes()
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -272,15 +274,57 @@ class CXRDataset(Dataset):
         boxes, labels = self._box_targets(boxes, names, mask, ref)
         return (image * 255).round().to(torch.uint8), mask, boxes, labels, box, (height, width)
 
+    def _annotated_box_names(self) -> list[list[str] | None]:
+        """Per item, the class names of its box annotation (None: the item is not box-annotated)."""
+        return [(ref.box_names or []) if ref.boxes_xywh is not None else None for ref in self.refs]
+
+    def _unknown_box_classes(self, names: Sequence[str]) -> set[str]:
+        """The canonical names among ``names`` that are not box classes of this data set."""
+        return {canonical_name(n) for n in names} - set(self.box_classes)
+
+    def _warn_unknown_box_classes(self) -> None:
+        """One warning per data set counting the box-annotated items that have boxes of other classes.
+
+        Such an item's box annotation is incomplete for this model (a lesion it shows would otherwise be
+        taught as "no lesion"), so :meth:`_box_targets` treats it as not box-annotated.
+        """
+        annotated = affected = 0
+        classes: Counter[str] = Counter()
+        for names in self._annotated_box_names():
+            if names is None:
+                continue
+            annotated += 1
+            unknown = self._unknown_box_classes(names)
+            if unknown:
+                affected += 1
+                classes.update(unknown)
+        if affected:
+            log.warning(
+                "data set %s: %d of %d box-annotated images have boxes of classes that are not among the box classes %s "
+                "(images per class: %s); their box annotation is treated as unknown (boxes=None), not as "
+                "'no lesion' (add those classes to box_classes to train on them)",
+                ", ".join(sorted({ref.dataset for ref in self.refs})), affected, annotated, self.box_classes,
+                dict(sorted(classes.items())),
+            )
+
     def _box_targets(
         self, boxes: torch.Tensor | None, names: list[str] | None, mask: torch.Tensor | None, ref: SampleRef
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Boxes (letterbox pixels, canonical ``names``) kept to this data set's box classes with their
-        label indices; without annotated boxes, boxes fitted to the mask when the ref asks for them."""
+        """Boxes (letterbox pixels, canonical ``names``) with their indices into this data set's box
+        classes; without annotated boxes, boxes fitted to the mask when the ref asks for them.
+
+        An annotation with a box of a class outside the box classes is incomplete for this model:
+        dropping that box would make the image "annotated, no lesion" there, so the whole annotation
+        is returned as unknown (None). An explicitly empty annotation stays "no lesion".
+        """
         if boxes is not None:
-            keep = [i for i, n in enumerate(names or []) if n in self.box_classes]
-            labels = torch.tensor([self.box_classes.index(names[i]) for i in keep], dtype=torch.long)
-            return (boxes[keep] if keep else torch.zeros(0, 4)), labels
+            names = list(names or [])
+            if len(names) != len(boxes):
+                raise ValueError(f"{ref.image_path}: {len(boxes)} boxes but {len(names)} box labels")
+            if self._unknown_box_classes(names):
+                return None, None
+            labels = torch.tensor([self.box_classes.index(n) for n in names], dtype=torch.long)
+            return (boxes if len(names) else torch.zeros(0, 4)), labels
         if mask is not None and ref.mask_box_label is not None:
             return self._mask_boxes(mask, ref)
         return None, None

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import gaussian_1d, separable_filtering
 
 from multichex.data.geometry import clip_boxes
+from multichex.data.intensity import gaussian_blur, unsharp
 from multichex.data.record import CXRBatch
 from multichex.data.transforms import transform_boxes
 
@@ -274,20 +274,12 @@ class StrongAugment:
         noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
         return image + s * self.config.noise_std * noise
 
-    @staticmethod
-    def _gaussian(image: torch.Tensor, sigma: float) -> torch.Tensor:
-        if sigma <= 1e-3:
-            return image
-        kernel = gaussian_1d(torch.tensor(sigma), truncated=3.0)
-        kernel = kernel / kernel.sum()
-        return separable_filtering(image[None], [kernel, kernel], mode="replicate")[0]
-
     def _blur(self, image: torch.Tensor, s: float, rng: np.random.Generator) -> torch.Tensor:
-        return self._gaussian(image, s * self.config.blur_sigma * max(image.shape[-2:]))
+        return gaussian_blur(image, s * self.config.blur_sigma * max(image.shape[-2:]))
 
     def _sharpen(self, image: torch.Tensor, s: float, rng: np.random.Generator) -> torch.Tensor:
         sigma = max(0.5, self.config.sharpen_sigma * max(image.shape[-2:]))
-        return image + s * self.config.sharpen_amount * (image - self._gaussian(image, sigma))
+        return unsharp(image, s * self.config.sharpen_amount, sigma)
 
     def _cutout(self, image: torch.Tensor, s: float, rng: np.random.Generator) -> torch.Tensor:
         """Fill 1..``cutout_max_count`` rectangles; labels stay (the model must infer them from context)."""

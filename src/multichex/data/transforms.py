@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from multichex.data.geometry import clip_boxes
+from multichex.data.intensity import clahe, gaussian_blur, low_resolution, unsharp
 
 
 def normalize_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
@@ -94,7 +95,12 @@ class Letterbox:
 
 @dataclass
 class AugmentConfig:
-    """Ranges of the random joint augmentation (all off when ``enabled`` is False)."""
+    """Ranges of the random joint augmentation (all off when ``enabled`` is False).
+
+    The ops after ``noise_std`` widen the intensity range for X-rays from other hospitals (sharper
+    or blurrier scanners, processed exports, low-resolution copies); each fires with its own
+    probability, 0 (off) by default, so configs that leave them out draw exactly as before.
+    """
 
     enabled: bool = True
     hflip_p: float = 0.5
@@ -105,6 +111,24 @@ class AugmentConfig:
     contrast: tuple[float, float] = (0.85, 1.15)
     brightness: float = 0.05
     noise_std: float = 0.01
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.3, 1.5)  # pixels of the letterboxed image
+    sharpen_p: float = 0.0
+    sharpen_amount: tuple[float, float] = (0.3, 1.5)
+    clahe_p: float = 0.0
+    clahe_clip: tuple[float, float] = (0.005, 0.03)
+    low_resolution_p: float = 0.0
+    low_resolution_factor: tuple[float, float] = (1.5, 3.0)
+
+    def __post_init__(self) -> None:
+        for name in ("blur_p", "sharpen_p", "clahe_p", "low_resolution_p", "hflip_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augment.{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("scale", "gamma", "contrast", "blur_sigma", "sharpen_amount", "clahe_clip", "low_resolution_factor"):
+            value = tuple(getattr(self, name))
+            if len(value) != 2 or value[0] > value[1]:
+                raise ValueError(f"augment.{name} must be a [low, high] range, got {list(value)}")
+            object.__setattr__(self, name, value)
 
 
 def _affine_matrix(size: int, flip: bool, angle: float, scale: float, tx: float, ty: float) -> torch.Tensor:
@@ -168,6 +192,15 @@ class JointAugment:
         if c.noise_std > 0:
             noise = torch.from_numpy(rng.normal(0.0, c.noise_std, size=tuple(image.shape)).astype(np.float32))
             image = image + noise
+        image = image.clamp(0, 1)
+        if c.low_resolution_p > 0 and rng.random() < c.low_resolution_p:
+            image = low_resolution(image, rng.uniform(*c.low_resolution_factor))
+        if c.blur_p > 0 and rng.random() < c.blur_p:
+            image = gaussian_blur(image, rng.uniform(*c.blur_sigma))
+        if c.sharpen_p > 0 and rng.random() < c.sharpen_p:
+            image = unsharp(image, rng.uniform(*c.sharpen_amount), sigma=1.0)
+        if c.clahe_p > 0 and rng.random() < c.clahe_p:
+            image = clahe(image, clip_limit=rng.uniform(*c.clahe_clip))
         return image.clamp(0, 1)
 
     def __call__(

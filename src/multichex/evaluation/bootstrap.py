@@ -15,7 +15,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "bootstrap_statistic", "bootstrap_statistics"]
+__all__ = ["DEFAULT_BOOTSTRAP", "bootstrap_ci", "bootstrap_statistic", "bootstrap_statistics"]
+
+# Resamples behind every reported 95% CI, the same for every head (classification, gate, segmentation,
+# detection); ``multichex evaluate --bootstrap N`` and the ``bootstrap`` arguments of the evaluation change it.
+DEFAULT_BOOTSTRAP = 1000
 
 
 def _group_index(groups: Sequence[Any] | np.ndarray, n_items: int) -> tuple[np.ndarray, int]:
@@ -72,7 +76,7 @@ def bootstrap_ci(
     values: np.ndarray,
     groups: list[str] | np.ndarray,
     statistic: Callable[[np.ndarray], float] = np.nanmean,
-    n_resamples: int = 1000,
+    n_resamples: int = DEFAULT_BOOTSTRAP,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -126,7 +130,7 @@ def bootstrap_ci(
 def bootstrap_statistic(
     groups: list[str] | np.ndarray,
     compute: Callable[[np.ndarray], float | None],
-    n_resamples: int = 1000,
+    n_resamples: int = DEFAULT_BOOTSTRAP,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -151,7 +155,7 @@ def bootstrap_statistic(
 def bootstrap_statistics(
     groups: list[str] | np.ndarray,
     compute: Callable[[np.ndarray], dict[str, float | None]],
-    n_resamples: int = 1000,
+    n_resamples: int = DEFAULT_BOOTSTRAP,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,12 +19,15 @@ from monai.metrics import DiceMetric, compute_average_surface_distance
 from skimage.metrics import structural_similarity
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score, binary_stat_scores
 
+from multichex.evaluation.thresholds import at_or_above
+
 __all__ = [
     "classification_metrics",
     "dice_per_image",
     "detection_map",
     "average_hausdorff_per_image",
     "jaccard_per_image",
+    "macro_class_sets",
     "segmentation_scores",
     "ssim_per_image",
 ]
@@ -46,6 +49,13 @@ def _mean_defined(values: Sequence[float | None]) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
+def _mean_all(values: Sequence[float | None]) -> float | None:
+    """Mean of every entry; ``None`` if any entry is ``None`` or there are none."""
+    if not values or any(v is None for v in values):
+        return None
+    return float(np.mean(values))
+
+
 # --------------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------------
@@ -57,6 +67,7 @@ def classification_metrics(
     class_names: list[str],
     threshold: float | Sequence[float] = 0.5,
     extended: bool = False,
+    macro_classes: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Per-class AUROC / accuracy / F1 (and optionally precision / recall / F1-N) for multi-label
     outputs with unknown labels.
@@ -65,11 +76,17 @@ def classification_metrics(
         probs: ``B×C`` probabilities in [0, 1].
         labels: ``B×C`` float labels in {0, 1}; NaN = unknown, ignored for that class only.
         class_names: ``C`` names, used as keys of ``per_class``.
-        threshold: a probability strictly above it counts as a positive prediction (torchmetrics'
-            convention; used for accuracy and F1); one value, or one per class (chosen on validation).
+        threshold: a probability at or above it counts as a positive prediction (``p >= t``, the rule of
+            :func:`~multichex.evaluation.thresholds.at_or_above`, as in inference; used for accuracy
+            and F1); one value, or one per class (chosen on validation).
         extended: also report, at the same threshold, ``precision`` and ``recall`` of the positive
             class and ``f1_negative`` (F1 of the negative class, "F1-N"; ``f1`` is F1-P), per class
             and as macro averages. Off by default so the result keeps its historic keys.
+        macro_classes: metric name → the classes its macro average is over (see
+            :func:`macro_class_sets`). The macro value of such a metric is then ``None`` unless the metric is
+            defined for every one of those classes, so it is always an average over the same classes (the
+            bootstrap passes the set found on the full sample to every resample). Metrics not named here
+            average whichever classes define them.
 
     Returns:
         ``{"per_class": {name: {"auroc", "accuracy", "f1", "n_known", "n_positive"}},
@@ -79,7 +96,7 @@ def classification_metrics(
         has no true positive, torchmetrics' convention). ``precision`` is ``None`` with no predicted
         positive, ``recall`` with no known positive, ``f1_negative`` when every known row is a true
         positive (no negatives, none predicted). Macro values average the classes where the metric
-        is defined (``None`` if none).
+        is defined (``None`` if none), or exactly ``macro_classes[metric]``.
     """
     probs = torch.as_tensor(probs, dtype=torch.float32).detach().cpu()
     labels = torch.as_tensor(labels, dtype=torch.float32).detach().cpu()
@@ -101,30 +118,44 @@ def classification_metrics(
         n_known = int(known.sum())
         n_pos = int(y.sum())
         entry: dict[str, Any] = {"auroc": None, "accuracy": None, "f1": None, "n_known": n_known, "n_positive": n_pos}
+        decided = at_or_above(p, thresholds[c]).long()  # torchmetrics would threshold with p > t
         if n_known > 0:
-            entry["accuracy"] = _to_float(binary_accuracy(p, y, threshold=thresholds[c]))
-            entry["f1"] = _to_float(binary_f1_score(p, y, threshold=thresholds[c]))
+            entry["accuracy"] = _to_float(binary_accuracy(decided, y))
+            entry["f1"] = _to_float(binary_f1_score(decided, y))
             if 0 < n_pos < n_known:  # AUROC is undefined with a single class among known rows
                 entry["auroc"] = _to_float(binary_auroc(p, y))
         if extended:
-            entry.update(_precision_recall_f1n(p, y, thresholds[c]))
+            entry.update(_precision_recall_f1n(decided, y))
         per_class[name] = entry
 
     keys = ("auroc", "accuracy", "f1") + (EXTENDED_KEYS if extended else ())
-    macro = {key: _mean_defined([m[key] for m in per_class.values()]) for key in keys}
+    macro = {}
+    for key in keys:
+        if macro_classes is not None and key in macro_classes:
+            macro[key] = _mean_all([per_class[name][key] for name in macro_classes[key]])
+        else:
+            macro[key] = _mean_defined([m[key] for m in per_class.values()])
     return {"per_class": per_class, "macro": macro}
+
+
+def macro_class_sets(result: Mapping[str, Any]) -> dict[str, list[str]]:
+    """For a :func:`classification_metrics` result: metric name → the classes where that metric is defined
+    (not ``None``), i.e. the classes its macro value averages; pass it back as ``macro_classes`` to average
+    the same classes on a resample of the data."""
+    per_class = result["per_class"]
+    return {key: [name for name, m in per_class.items() if m.get(key) is not None] for key in result["macro"]}
 
 
 def _ratio(num: float, den: float) -> float | None:
     return float(num / den) if den > 0 else None
 
 
-def _precision_recall_f1n(p: torch.Tensor, y: torch.Tensor, threshold: float) -> dict[str, float | None]:
+def _precision_recall_f1n(decided: torch.Tensor, y: torch.Tensor) -> dict[str, float | None]:
     """Precision / recall (positive class) and F1 of the negative class from torchmetrics' confusion
-    counts at ``threshold`` (strictly above = positive); ``None`` where a ratio has a zero denominator."""
+    counts of the 0/1 decisions ``decided``; ``None`` where a ratio has a zero denominator."""
     if len(y) == 0:
         return dict.fromkeys(EXTENDED_KEYS)
-    tp, fp, tn, fn, _ = (float(v) for v in binary_stat_scores(p, y, threshold=threshold, validate_args=False).tolist())
+    tp, fp, tn, fn, _ = (float(v) for v in binary_stat_scores(decided, y, validate_args=False).tolist())
     return {
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
@@ -141,7 +172,8 @@ def dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Dice of binary masks, one value per image, via MONAI's ``DiceMetric``.
 
     Args:
-        pred: binary ``B×1×H×W`` prediction (bool or {0, 1}).
+        pred: binary ``B×1×H×W`` prediction (bool or {0, 1}; a probability map is binarised with
+            ``p >= 0.5``, the rule of :func:`~multichex.evaluation.thresholds.at_or_above`).
         target: binary ``B×1×H×W`` ground truth.
 
     Returns:
@@ -149,8 +181,8 @@ def dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         (MONAI's default gives NaN there; ``ignore_empty=False`` makes it return 1, and 0 for a
         non-empty prediction on an empty target). Any remaining NaN is mapped to that rule as well.
     """
-    pred_b = torch.as_tensor(pred).detach().cpu() > 0.5
-    target_b = torch.as_tensor(target).detach().cpu() > 0.5
+    pred_b = at_or_above(torch.as_tensor(pred).detach().cpu().float(), 0.5)
+    target_b = at_or_above(torch.as_tensor(target).detach().cpu().float(), 0.5)
     if pred_b.shape != target_b.shape:
         raise ValueError(f"pred {tuple(pred_b.shape)} and target {tuple(target_b.shape)} differ in shape")
     if pred_b.ndim == 3:  # B×H×W: add the channel dimension
@@ -164,9 +196,10 @@ def dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _binary_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both masks as bool ``B×1×H×W`` on the CPU (``B×H×W`` gets a channel dimension)."""
-    pred_b = torch.as_tensor(pred).detach().cpu() > 0.5
-    target_b = torch.as_tensor(target).detach().cpu() > 0.5
+    """Both masks as bool ``B×1×H×W`` on the CPU (``B×H×W`` gets a channel dimension); values ``>= 0.5``
+    are foreground."""
+    pred_b = at_or_above(torch.as_tensor(pred).detach().cpu().float(), 0.5)
+    target_b = at_or_above(torch.as_tensor(target).detach().cpu().float(), 0.5)
     if pred_b.shape != target_b.shape:
         raise ValueError(f"pred {tuple(pred_b.shape)} and target {tuple(target_b.shape)} differ in shape")
     if pred_b.ndim == 3:

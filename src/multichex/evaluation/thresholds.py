@@ -6,11 +6,25 @@ torchmetrics picks an operating point by a criterion such as "highest threshold 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 CRITERIA = ("youden", "f1", "sensitivity")
+
+Scores = TypeVar("Scores")
+
+
+def at_or_above(scores: Scores, threshold: Any) -> Scores:
+    """The one decision rule of the package: a score is positive when ``score >= threshold``.
+
+    Used for class findings, the gate's decision and mask binarisation, in evaluation and in inference
+    (PyTorch and ONNX Runtime share :func:`multichex.models.multichexnet.assemble_prediction`), so a
+    probability exactly at its threshold is decided the same way everywhere. ``scores`` is a tensor,
+    an array or a number; ``threshold`` a number or anything that broadcasts against ``scores``
+    (e.g. one threshold per class). Returns booleans of the same kind as ``scores``.
+    """
+    return scores >= threshold
 
 
 def per_class_thresholds(probs: np.ndarray, labels: np.ndarray, criterion: str = "f1", default: float = 0.5) -> list[float]:
@@ -31,7 +45,7 @@ def threshold_sweep(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarr
     known = ~np.isnan(labels)
     probs, labels = probs[known], labels[known] > 0.5
     thresholds = np.unique(probs)[::-1]  # descending: each step admits more positives
-    predicted = probs[None, :] >= thresholds[:, None]
+    predicted = at_or_above(probs[None, :], thresholds[:, None])
     tp = (predicted & labels).sum(1)
     fp = (predicted & ~labels).sum(1)
     positives, negatives = labels.sum(), (~labels).sum()
@@ -47,8 +61,9 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, criterion: str = "yo
     """The threshold that maximises Youden's J or F1 (ties: the highest), or the highest one with
     sensitivity ≥ ``min_sensitivity``.
 
-    The chosen score is moved halfway to the next lower score, so ``p >= t`` and ``p > t`` agree on the
-    validation images and new images near the boundary are not decided by a tie.
+    The chosen score is moved halfway to the next lower score, so ``p >= t`` (the package's rule, see
+    :func:`at_or_above`) and ``p > t`` agree on the validation images and new images near the boundary are
+    not decided by a tie.
 
     Returns ``{"threshold", "criterion", "sensitivity", "specificity", "f1", "n_positive", "n_negative"}``.
     Raises ``ValueError`` when the known labels lack positives or negatives (no operating point exists).

@@ -33,6 +33,7 @@ from multichex import CLINICAL_DISCLAIMER
 from multichex.data.io import ImageReadError, LoadedImage, read_image, to_uint8
 from multichex.data.transforms import Letterbox, normalize_intensity
 from multichex.evaluation.overlay import render_overlay
+from multichex.evaluation.thresholds import at_or_above
 from multichex.fileio import atomic_write_bytes, atomic_write_text
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.inference.explain import GradCamExplainer, heatmap_overlay
@@ -98,7 +99,7 @@ class Predictor:
             mask = None
             seg = out.seg_probs[index]
             if seg is not None:
-                mask = item.letterbox.invert_map(seg)[0].numpy() >= self.mask_threshold
+                mask = at_or_above(item.letterbox.invert_map(seg)[0].numpy(), self.mask_threshold)
             boxes = []
             found = out.detections[index]
             if found is not None:
@@ -109,13 +110,13 @@ class Predictor:
             probs = out.class_probs[index].tolist()
             explained = {}
             if self.explainer is not None:
-                chosen = [i for i, (p, t) in enumerate(zip(probs, thresholds)) if p >= t] or [int(np.argmax(probs))]
+                chosen = [i for i, (p, t) in enumerate(zip(probs, thresholds)) if at_or_above(p, t)] or [int(np.argmax(probs))]
                 explained = {names[i]: heat for i, heat in self.explainer.maps(item.tensor, chosen).items()}
             results.append({
                 "heat_arrays": explained,
                 "image": str(item.path),
                 "classes": {name: round(float(p), 5) for name, p in zip(names, out.class_probs[index])},
-                "findings": [name for name, p, t in zip(names, out.class_probs[index].tolist(), thresholds) if p >= t],
+                "findings": [name for name, p, t in zip(names, probs, thresholds) if at_or_above(p, t)],
                 "gate": {"probability": round(float(out.gate_probs[index]), 5), "positive": bool(out.gate_positive[index])},
                 "boxes": boxes,
                 "mask_array": mask,

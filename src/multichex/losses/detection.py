@@ -16,13 +16,58 @@ def _shape_iou(size: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 
 
 class DetectionLoss:
-    """Assigns each ground-truth box to the anchor of best shape in the cell holding its centre."""
+    """Assigns each ground-truth box to the anchor of best shape in the cell holding its centre.
+
+    One anchor holds at most one target. When boxes of an image compete for an anchor (same cell,
+    same best shape) the box that matches it best keeps it and the others fall back to their
+    next-best free anchor of that cell (no target at all when none is free); see :meth:`assign`.
+    """
 
     def __init__(self, head: CheXDet, obj_pos_weight: float = 10.0, giou_weight: float = 0.0, box_weight: float = 1.0) -> None:
         self.head = head
         self.obj_pos_weight = obj_pos_weight
         self.giou_weight = giou_weight
         self.box_weight = box_weight
+
+    def _cell(self, box: torch.Tensor, height: int, width: int) -> tuple[int, int]:
+        """``(row, col)`` of the grid cell holding the box centre (clamped to the grid)."""
+        stride = self.head.stride
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        col = int(min(max(cx.item() // stride, 0), width - 1))
+        row = int(min(max(cy.item() // stride, 0), height - 1))
+        return row, col
+
+    def assign(self, image_boxes: torch.Tensor, image_labels: torch.Tensor, anchors: torch.Tensor,
+               height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """``(box index, anchor, row, col)`` for the boxes of one image, at most one box per anchor.
+
+        Greedy over (box, anchor) pairs of the box's cell in order of decreasing shape IoU: a pair is
+        taken when its box is not assigned yet and its anchor is free. So each anchor goes to the box
+        that matches it best and a box that loses its best anchor takes its next-best free one. Equal
+        IoUs are broken by the box centre's distance to the cell centre, then by the box coordinates
+        and label, so the result does not depend on the order of the boxes. Returned in anchor order.
+        """
+        stride = self.head.stride
+        candidates = []
+        for i, (box, label) in enumerate(zip(image_boxes, image_labels)):
+            row, col = self._cell(box, height, width)
+            w, h = (box[2] - box[0]).clamp(min=1.0), (box[3] - box[1]).clamp(min=1.0)
+            cx, cy = float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2
+            distance = (cx / stride - col - 0.5) ** 2 + (cy / stride - row - 0.5) ** 2
+            tie = (distance, *(float(v) for v in box.tolist()), int(label))
+            for k, iou in enumerate(_shape_iou(torch.stack([w, h]), anchors).tolist()):
+                candidates.append((-iou, tie, k, i, row, col))
+        candidates.sort()
+        taken: set[tuple[int, int, int]] = set()
+        done: set[int] = set()
+        assigned = []
+        for _, _, k, i, row, col in candidates:
+            if i in done or (k, row, col) in taken:
+                continue
+            taken.add((k, row, col))
+            done.add(i)
+            assigned.append((i, k, row, col))
+        return sorted(assigned, key=lambda a: (a[1], a[2], a[3]))
 
     def build_targets(self, raw: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor]):
         """Objectness target ``B×K×H×W``, and for assigned anchors their index, box params and class."""
@@ -32,12 +77,10 @@ class DetectionLoss:
         objectness = torch.zeros(batch, num_anchors, height, width, device=raw.device)
         index, params, classes, gt_boxes = [], [], [], []
         for b, (image_boxes, image_labels) in enumerate(zip(boxes, labels)):
-            for box, label in zip(image_boxes, image_labels):
+            for i, k, row, col in self.assign(image_boxes, image_labels, anchors, height, width):
+                box, label = image_boxes[i], image_labels[i]
                 w, h = (box[2] - box[0]).clamp(min=1.0), (box[3] - box[1]).clamp(min=1.0)
                 cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-                col = int(min(max(cx.item() // stride, 0), width - 1))
-                row = int(min(max(cy.item() // stride, 0), height - 1))
-                k = int(_shape_iou(torch.stack([w, h]), anchors).argmax())
                 objectness[b, k, row, col] = 1.0
                 index.append((b, k, row, col))
                 offset_x = (cx / stride - col).clamp(1e-3, 1 - 1e-3)

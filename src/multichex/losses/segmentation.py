@@ -20,6 +20,7 @@ from monai.losses import DiceLoss, TverskyLoss
 from multichex.losses.masked import segmentation_loss
 
 __all__ = [
+    "KL_REDUCTIONS",
     "SEGMENTATION_LOSSES",
     "bce_dice_loss",
     "consistency_kl",
@@ -74,27 +75,44 @@ def tversky_loss(logits: torch.Tensor, masks: torch.Tensor, alpha: float = 0.3, 
     return _tversky(float(alpha), float(beta))(logits, masks)
 
 
-def kl_abs_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """"Absolute KL" term of Imran & Terzopoulos 2019 (APPAU-Net, eq. 3), averaged over pixels and images.
+KL_REDUCTIONS = ("sum", "mean")
 
-    Sums ``|(y - p) · log((y + eps) / (p + eps))|`` over the foreground channel (``p = sigmoid``,
-    ``y = mask``) and the background channel (``1 - p``, ``1 - y``); 0 when ``p == y``.
+
+def kl_abs_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6, reduction: str = "sum") -> torch.Tensor:
+    """"Absolute KL" term of Imran & Terzopoulos 2019 (APPAU-Net, eq. 3).
+
+    Per pixel ``|(y - p) · log((y + eps) / (p + eps))|`` over the foreground channel (``p = sigmoid``,
+    ``y = mask``) plus the same over the background channel (``1 - p``, ``1 - y``); 0 when ``p == y``.
+    ``reduction="sum"`` (the paper's Σ over the m² pixels) sums the pixels of each image, ``"mean"``
+    averages them; either way the images are averaged.
+
+    ``eps`` is not in the paper's formula, but on a hard mask ``log(y / p)`` is infinite wherever the
+    prediction is wrong, so it sets the term's scale: a wrong pixel costs about ``|y - p| · log(1 / eps)``
+    (≈ 13.8·|y − p| at 1e-6), which makes ``eps`` a weight of the KL term against the Tversky term.
     Hand-written: no library offers this term.
     """
     _check_shapes(logits, masks)
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+    if not eps > 0:
+        raise ValueError(f"kl_eps must be > 0, got {eps}")
     fg = torch.sigmoid(logits)
     bg = torch.sigmoid(-logits)  # 1 - p without cancellation for large logits
     y = masks.to(fg.dtype)
     term_fg = ((y - fg) * torch.log((y + eps) / (fg + eps))).abs()
     term_bg = (((1 - y) - bg) * torch.log((1 - y + eps) / (bg + eps))).abs()
-    return (term_fg + term_bg).mean()
+    per_pixel = (term_fg + term_bg).flatten(1)
+    per_image = per_pixel.sum(dim=1) if reduction == "sum" else per_pixel.mean(dim=1)
+    return per_image.mean()
 
 
 def kl_tversky_loss(
-    logits: torch.Tensor, masks: torch.Tensor, a: float = 1.0, b: float = 1.0, alpha: float = 0.3, beta: float = 0.7
+    logits: torch.Tensor, masks: torch.Tensor, a: float = 1.0, b: float = 1.0, alpha: float = 0.3, beta: float = 0.7,
+    kl_eps: float = 1e-6, kl_reduction: str = "sum",
 ) -> torch.Tensor:
-    """"KLTV": ``a`` × :func:`kl_abs_loss` + ``b`` × :func:`tversky_loss` (alpha: FP weight, beta: FN weight)."""
-    return a * kl_abs_loss(logits, masks) + b * tversky_loss(logits, masks, alpha, beta)
+    """"KLTV": ``a`` × :func:`kl_abs_loss` (with ``kl_eps``, ``kl_reduction``) + ``b`` × :func:`tversky_loss`
+    (alpha: FP weight, beta: FN weight)."""
+    return a * kl_abs_loss(logits, masks, kl_eps, kl_reduction) + b * tversky_loss(logits, masks, alpha, beta)
 
 
 def xe_tversky_loss(logits: torch.Tensor, masks: torch.Tensor, alpha: float = 0.3, beta: float = 0.7) -> torch.Tensor:
@@ -117,11 +135,18 @@ def _parameters(fn: Callable[..., torch.Tensor]) -> list[str]:
     return list(inspect.signature(fn).parameters)[2:]
 
 
-def make_segmentation_loss(name: str, **params: float) -> SegmentationLoss:
-    """The loss called ``name`` (see ``SEGMENTATION_LOSSES``) with its numeric ``params`` fixed.
+# Parameters that take one of a few names instead of a number.
+_CHOICE_PARAMETERS: dict[str, tuple[str, ...]] = {"kl_reduction": KL_REDUCTIONS}
+# Numeric parameters that must be strictly positive.
+_POSITIVE_PARAMETERS = frozenset({"kl_eps"})
+
+
+def make_segmentation_loss(name: str, **params: float | str) -> SegmentationLoss:
+    """The loss called ``name`` (see ``SEGMENTATION_LOSSES``) with its ``params`` fixed (numbers, except
+    ``kl_reduction``: ``"sum"`` or ``"mean"``).
 
     Raises:
-        ValueError: unknown name, unknown parameter or a non-numeric parameter value.
+        ValueError: unknown name, unknown parameter or a parameter value of the wrong kind or range.
     """
     if name not in SEGMENTATION_LOSSES:
         raise ValueError(f"unknown segmentation loss {name!r}; choose one of {sorted(SEGMENTATION_LOSSES)}")
@@ -130,10 +155,19 @@ def make_segmentation_loss(name: str, **params: float) -> SegmentationLoss:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"segmentation loss {name!r} has no parameter(s) {unknown}; it accepts {allowed}")
+    fixed: dict[str, float | str] = {}
     for key, value in params.items():
+        if key in _CHOICE_PARAMETERS:
+            if value not in _CHOICE_PARAMETERS[key]:
+                raise ValueError(f"segmentation loss {name!r}: {key} must be one of {_CHOICE_PARAMETERS[key]}, got {value!r}")
+            fixed[key] = value
+            continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"segmentation loss {name!r}: parameter {key!r} must be a number, got {value!r}")
-    return functools.partial(fn, **{k: float(v) for k, v in params.items()})
+        if key in _POSITIVE_PARAMETERS and not value > 0:
+            raise ValueError(f"segmentation loss {name!r}: {key} must be > 0, got {value!r}")
+        fixed[key] = float(value)
+    return functools.partial(fn, **fixed)
 
 
 def deep_supervision_loss(

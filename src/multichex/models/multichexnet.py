@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from multichex.evaluation.thresholds import at_or_above
 from multichex.models.config import TASKS, ModelConfig
 from multichex.models.discriminator import PairDiscriminator
 from multichex.models.encoders import get_encoder
@@ -147,7 +148,7 @@ def assemble_prediction(
     raw output.
     """
     batch = len(gate_probs)
-    positive = gate_probs >= config.gate.threshold if use_gate else torch.ones_like(gate_probs, dtype=torch.bool)
+    positive = at_or_above(gate_probs, config.gate.threshold) if use_gate else torch.ones_like(gate_probs, dtype=torch.bool)
     seg_probs: list[torch.Tensor | None] = [None] * batch
     detections: list[Detections | None] = [None] * batch
     for head in ("seg", "det"):

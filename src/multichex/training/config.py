@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from multichex.data.transforms import AugmentConfig
+from multichex.losses.segmentation import make_segmentation_loss
 from multichex.models.config import ModelConfig, strict_from_dict
 
 MODULES = ("encoder", "cls", "seg", "det", "gate")
@@ -46,6 +47,9 @@ class SemiSupervisedConfig:
     prediction on its weakly augmented view when that prediction is confident (probability ≥ ``threshold``
     or ≤ 1 − ``threshold``; softmax models: top probability ≥ ``threshold``, images with no known label),
     and the strongly augmented view of the image is trained toward it with weight ``weight`` (λ).
+    ``normalise``: the summed loss of the confident entries is divided by every unlabelled entry
+    (``"all"``, FixMatch's mean over the unlabelled batch, so the threshold acts as a curriculum) or by the
+    confident entries only (``"confident"``, the behaviour before this option existed).
     Segmentation: KL consistency, weight ``consistency_weight`` (β), between the mean mask predictions of
     the batch's images with and without a mask.
     """
@@ -56,8 +60,11 @@ class SemiSupervisedConfig:
     sources: list[str] | None = None  # source keys whose images serve as unlabelled (default: all)
     strong: dict[str, Any] = field(default_factory=dict)  # StrongAugmentConfig fields
     consistency_weight: float = 0.0
+    normalise: str = "all"  # "all" unlabelled entries (FixMatch) or the "confident" ones only
 
     def __post_init__(self) -> None:
+        if self.normalise not in {"all", "confident"}:
+            raise ValueError(f"semi_supervised.normalise must be 'all' or 'confident', got {self.normalise!r}")
         if not 0.5 <= self.threshold <= 1.0:
             raise ValueError(f"semi_supervised.threshold must be in [0.5, 1], got {self.threshold}")
         if self.weight < 0 or self.consistency_weight < 0:
@@ -88,7 +95,7 @@ class SourceConfig:
     limit: int | None = None
     boxes_from_masks: str | None = None  # box class given to boxes fitted to mask components
     options: dict[str, Any] = field(default_factory=dict)  # passed to the reader, e.g. {uncertain: ones}
-    prepared: str | None = None  # a `multichex data prepare` folder: read from it, with its own split.json
+    prepared: str | None = None  # a `multichex data prepare` folder: read from it (split with the run, like a raw folder)
     empty_boxes_for_negatives: bool = False  # gate-negative images without boxes count as "annotated, no lesion"
     id: str | None = None  # key of this source in a run (default: name); lets one reader appear twice
     resample_to: int | None = None  # degrade images to this longest side first (pool sources of mixed resolution
@@ -167,6 +174,10 @@ class TrainConfig:
             raise ValueError("adversarial training needs model.discriminator_classes (the discriminator's real classes)")
         if "name" not in self.seg_loss:
             raise ValueError(f"seg_loss needs a name, got {self.seg_loss}")
+        try:  # unknown names and parameters, bad values (e.g. kl_eps ≤ 0, kl_reduction not sum/mean) fail here
+            make_segmentation_loss(**self.seg_loss)
+        except ValueError as error:
+            raise ValueError(f"seg_loss: {error}") from error
         self.sources = [strict_from_dict(SourceConfig, s) if isinstance(s, dict) else s for s in self.sources]
         keys = [s.key for s in self.sources]
         if len(set(keys)) != len(keys):

@@ -47,11 +47,34 @@ def own_classes(ref: SampleRef, classes: list[str], none_class: str | None) -> S
     return replace(ref, findings=findings)
 
 
+def read_refs(source: SourceConfig) -> list[SampleRef]:
+    """Every image of a source with all the labels it gives: read from its folder (with the reader
+    ``options``), or from its prepared cache (index order).
+
+    A cache's pixels and reader options were fixed when it was prepared, so ``resample_to`` and reader
+    ``options`` other than the recorded ones are refused rather than silently ignored.
+    """
+    if not source.prepared:
+        return read_source(source.name, source.root, source.options)
+    from multichex.data.cache import cache_reader_options, cache_refs
+
+    if source.resample_to:
+        raise ValueError(f"source {source.key}: resample_to cannot apply to the prepared cache {source.prepared} "
+                         "(its images were letterboxed when it was prepared); use the raw folder")
+    recorded = cache_reader_options(source.prepared)
+    if dict(source.options) != recorded:
+        raise ValueError(f"source {source.key}: reader options {dict(source.options)} differ from those the cache {source.prepared} "
+                         f"was prepared with ({recorded or 'the reader defaults'}); a cache's reader options are fixed "
+                         "when it is prepared: drop `options` or use the raw folder")
+    return cache_refs(source.prepared)
+
+
 def load_refs(source: SourceConfig) -> list[SampleRef]:
-    """Read a source, hide the labels of tasks (and classes) it should not train, and apply its options:
-    boxes fitted to masks, gate-negatives as box-negatives, resolution bottleneck, image limit."""
+    """Read a source (raw folder or prepared cache, see :func:`read_refs`), hide the labels of tasks (and
+    classes) it should not train, and apply its options: boxes fitted to masks, gate-negatives as
+    box-negatives, resolution bottleneck, image limit (a cache's first images by id)."""
     refs = [replace(restrict_tasks(r, source.tasks), extra={**r.extra, "source_key": source.key})
-            for r in read_source(source.name, source.root, source.options)]
+            for r in read_refs(source)]
     if source.classes is not None and "cls" in source.tasks:
         refs = [own_classes(r, source.classes, source.none_class) for r in refs]
     if source.boxes_from_masks:
@@ -63,15 +86,19 @@ def load_refs(source: SourceConfig) -> list[SampleRef]:
     return refs[: source.limit] if source.limit else refs
 
 
-def split_sources(config: TrainConfig, out_dir: Path | None = None) -> dict[str, dict[str, list[SampleRef]]]:
-    """Split all raw sources jointly by patient id (sources that share patients stay on one side).
+def split_sources(config: TrainConfig, out_dir: Path | None = None, unlisted: str = "error") -> dict[str, dict[str, list[SampleRef]]]:
+    """Split all sources, raw folders and prepared caches alike, jointly by patient id with the run's
+    seed (sources that share patients stay on one side); a cache's own ``split.json`` is not used.
 
-    Prepared caches are not listed here: they carry their own split (see :func:`build_datasets`).
+    With ``config.split_file`` the parts come from that saved split; an image it does not list is an
+    error, or (``unlisted="skip"``, for evaluating a part) left out of every part.
     """
-    per_source = {s.key: load_refs(s) for s in config.sources if not s.prepared}
+    if unlisted not in {"error", "skip"}:
+        raise ValueError(f"unlisted must be 'error' or 'skip', got {unlisted!r}")
+    per_source = {s.key: load_refs(s) for s in config.sources}
     flat = [(name, ref) for name, refs in per_source.items() for ref in refs]
     if config.split_file:
-        parts = saved_split_indices(Path(config.split_file), [str(ref.image_path) for _, ref in flat])
+        parts = saved_split_indices(Path(config.split_file), [str(ref.image_path) for _, ref in flat], skip_unlisted=unlisted == "skip")
     else:
         parts = patient_split([ref.patient_id for _, ref in flat], config.split, seed=config.seed, strata=[name for name, _ in flat])
     result: dict[str, dict[str, list[SampleRef]]] = {part: {name: [] for name in per_source} for part in parts}
@@ -125,8 +152,9 @@ def _same_file_key(path: str) -> str:
     return str(Path(path).resolve())
 
 
-def saved_split_indices(path: Path, image_paths: list[str]) -> dict[str, list[int]]:
-    """Part → indices of ``image_paths`` from a saved ``split.json``; every image must be listed in it."""
+def saved_split_indices(path: Path, image_paths: list[str], skip_unlisted: bool = False) -> dict[str, list[int]]:
+    """Part → indices of ``image_paths`` from a saved ``split.json``; every image must be listed in it
+    (``skip_unlisted``: images it does not list are in no part)."""
     try:
         saved = json.loads(path.read_text())["parts"]
     except (OSError, ValueError, KeyError) as error:
@@ -134,57 +162,40 @@ def saved_split_indices(path: Path, image_paths: list[str]) -> dict[str, list[in
     part_of = {_same_file_key(image): part for part, images in saved.items() for image in images}
     image_paths = [_same_file_key(p) for p in image_paths]
     missing = [p for p in image_paths if p not in part_of]
-    if missing:
+    if missing and skip_unlisted:
+        log.info("%s: %d of %d images are not in this split and are left out", path, len(missing), len(image_paths))
+    elif missing:
         raise ValueError(f"{path}: {len(missing)} of the sources' images are not in this split (e.g. {missing[0]}); "
                          "a saved split only applies to the sources (and roots) it was made from")
     parts: dict[str, list[int]] = {part: [] for part in saved}
     for index, image in enumerate(image_paths):
-        parts[part_of[image]].append(index)
+        if image in part_of:
+            parts[part_of[image]].append(index)
     return parts
 
 
-def prepared_datasets(config: TrainConfig, source: SourceConfig, whole: bool = False) -> dict[str, CXRDataset]:
-    """One :class:`PreparedDataset` per part of the cache's own ``split.json`` (or one ``"all"`` part)."""
-    from multichex.data.cache import PreparedDataset, read_split
-
-    if source.resample_to or source.empty_boxes_for_negatives:
-        raise ValueError(f"source {source.key}: resample_to / empty_boxes_for_negatives apply to raw folders, not prepared caches")
-    model = config.model
-    parts = [None] if whole else list(read_split(Path(source.prepared)).get("parts", {}))
-    return {
-        part or "all": PreparedDataset(
-            source.prepared, model.class_names, model.box_classes, model.image_size,
-            augment=config.augment if part == "train" else None, seed=config.seed, part=part,
-            tasks=source.tasks, boxes_from_masks=source.boxes_from_masks,
-        )
-        for part in parts
-    }
-
-
-def build_datasets(config: TrainConfig, out_dir: Path | None = None, whole_caches: bool = False) -> dict[str, dict[str, CXRDataset]]:
-    """Part → source name → data set, for raw sources (split here) and prepared caches (their own split,
-    or every cached image under ``"all"`` when ``whole_caches``)."""
-    parts = {part: make_datasets(config, refs, train=part == "train") for part, refs in split_sources(config, out_dir).items()}
-    for source in config.sources:
-        if source.prepared:
-            for part, dataset in prepared_datasets(config, source, whole_caches).items():
-                if len(dataset):
-                    parts.setdefault(part, {})[source.key] = dataset
-    return parts
+def build_datasets(config: TrainConfig, out_dir: Path | None = None, unlisted: str = "error") -> dict[str, dict[str, CXRDataset]]:
+    """Part → source key → data set, from the joint split of :func:`split_sources` (raw folders and
+    prepared caches alike)."""
+    return {part: make_datasets(config, refs, train=part == "train") for part, refs in split_sources(config, out_dir, unlisted).items()}
 
 
 def make_datasets(config: TrainConfig, refs: dict[str, list[SampleRef]], train: bool) -> dict[str, CXRDataset]:
-    """One :class:`CXRDataset` per non-empty source (augmented only for training)."""
+    """One data set per non-empty list of refs (augmented only for training): a :class:`CXRDataset`, or a
+    :class:`PreparedDataset` for refs read from a prepared cache (:class:`CachedRef`)."""
+    return {name: _dataset(config, source_refs, train) for name, source_refs in refs.items() if source_refs}
+
+
+def _dataset(config: TrainConfig, refs: list[SampleRef], train: bool) -> CXRDataset:
+    from multichex.data.cache import CachedRef, PreparedDataset
+
     model = config.model
-    return {
-        name: CXRDataset(
-            source_refs,
-            model.class_names,
-            model.box_classes,
-            model.image_size,
-            augment=config.augment if train else None,
-            seed=config.seed,
-        )
-        for name, source_refs in refs.items()
-        if source_refs
-    }
+    augment = config.augment if train else None
+    origins = {r.cache_dir if isinstance(r, CachedRef) else None for r in refs}
+    if origins == {None}:
+        return CXRDataset(refs, model.class_names, model.box_classes, model.image_size, augment=augment, seed=config.seed)
+    cache_dir = origins.pop()
+    if cache_dir is not None and not origins:
+        return PreparedDataset(cache_dir, model.class_names, model.box_classes, model.image_size, augment=augment, seed=config.seed, refs=refs)
+    raise ValueError("one data set would mix images of several prepared caches (or of a cache and raw folders): "
+                     f"{sorted(str(o) for o in origins | {cache_dir})}; use one cache or only raw folders here")

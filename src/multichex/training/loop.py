@@ -128,6 +128,10 @@ class Trainer:
             if self.distributed:
                 raise ValueError("semi_supervised / adversarial training run in one process (not under torchrun) for now")
             self.objectives = FewLabelObjectives(self.model, config.semi_supervised, config.adversarial, config.lr, config.seed)
+            forced = config.teacher_forcing
+            if forced is not None and "seg" in forced.heads and config.semi_supervised and config.semi_supervised.consistency_weight > 0:
+                log.warning("teacher_forcing on seg feeds the segmentation head only images with a mask, so "
+                            "semi_supervised.consistency_weight has no unlabelled image to compare with and adds nothing")
         if config.schedule == "single" and len(train_sets) != 1:
             raise ValueError(f"schedule 'single' takes one data set, got {sorted(train_sets)}")
         schedule = JointBatches if config.schedule == "joint" else AlternatingBatches
@@ -250,7 +254,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         if self.objectives is not None:
-            self.objectives.discriminator_step(self.model, images, batch, self._outputs)
+            self.objectives.discriminator_step(self.model, images, batch, self._outputs, self._seg_rows)
         return report if report is not None else {k: float(v.detach()) for k, v in losses.items()}
 
     def _step_tasks(self, batch) -> list[str]:
@@ -268,18 +272,21 @@ class Trainer:
     def _forward_losses(self, images: torch.Tensor, batch, tasks: list[str]) -> dict[str, torch.Tensor]:
         """The forward pass of a step, losses included (under torchrun DDP calls this as its forward)."""
         forced = self.config.teacher_forcing
+        head_rows: dict[str, torch.Tensor] = {}
         if forced is None or not set(tasks) & set(forced.heads):
             outputs = self.model(images, tasks)
             losses = self.loss(outputs, batch)
         else:
-            outputs, head_batches = self._forced_forward(images, batch, tasks)
+            outputs, head_batches, head_rows = self._forced_forward(images, batch, tasks)
             losses = self.loss(outputs, batch, head_batches)
         if self.objectives is not None:
-            extra = self.objectives.terms(self.model, images, batch, outputs, self.trained_tasks, self.scheduler.last_epoch)
+            # A teacher-forced segmentation head ran on some rows only: its few-label terms use those rows.
+            seg_rows = head_rows.get("seg")
+            extra = self.objectives.terms(self.model, images, batch, outputs, self.trained_tasks, self.scheduler.last_epoch, seg_rows)
             if extra:
                 losses.update(extra)
                 losses["total"] = losses.get("total", 0.0) + sum(extra.values())
-            self._outputs = outputs
+            self._outputs, self._seg_rows = outputs, seg_rows
         self._placeholder = False
         if self.distributed:
             # Every rank ran the same heads; an output this rank has no labels for still joins the loss, times
@@ -293,6 +300,7 @@ class Trainer:
         return losses
 
     _placeholder = False  # the last forward's "total" is only the zero term above (this rank had no labels)
+    _seg_rows: torch.Tensor | None = None  # the rows the last forward's segmentation output covers (None: all)
 
     def _reduce_losses(self, losses: dict[str, torch.Tensor], placeholder: bool) -> tuple[bool, dict[str, float]]:
         """Whether any rank's loss is non-finite, and each loss averaged over the ranks that have it."""
@@ -306,27 +314,43 @@ class Trainer:
         report = {key: float(stats[2 * i] / stats[2 * i + 1]) for i, key in enumerate(LOSS_KEYS) if stats[2 * i + 1] > 0}
         return bool(stats[-1] > 0), report
 
-    def _forced_forward(self, images: torch.Tensor, batch, tasks: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _forced_forward(self, images: torch.Tensor, batch, tasks: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
         """One encoder pass; the gated heads run only on the images teacher forcing selects (under torchrun
-        a head runs on every rank, perhaps on no image, when it runs on any)."""
+        a head runs on every rank, perhaps on no image, when it runs on any). Returns the outputs, each
+        forced head's sub-batch and the rows (B bool) it ran on."""
         forced = self.config.teacher_forcing
         size = images.shape[-2:]
         features = self.model.encode(images)
         guide = self.model.guide(images) if "seg" in tasks else None
         outputs = self.model.run_heads(features, [t for t in tasks if t not in forced.heads], size, guide)
-        with torch.no_grad():
-            detached = [f.detach() for f in features]
-            gate_passed = self.model.gate_probability(self.model.run_heads(detached, self.model.gate_tasks(), size)) >= self.model.config.gate.threshold
+        gate_passed = self._gate_decision(features, size)
         rng = np.random.default_rng([self.config.seed, self.scheduler.last_epoch])
         chosen = {head: select_for_head(batch, head, gate_passed, forced, rng, self.forcing) for head in tasks if head in forced.heads}
         runs = distributed.any_rank([bool(c.any()) for c in chosen.values()])
-        head_batches = {}
+        head_batches, head_rows = {}, {}
         for (head, rows_chosen), run in zip(chosen.items(), runs):
             if run:
                 rows = torch.nonzero(rows_chosen).flatten()
                 outputs.update(self.model.run_heads([f[rows] for f in features], [head], size, guide[rows] if guide is not None else None))
                 head_batches[head] = batch.select(rows_chosen)
-        return outputs, head_batches
+                head_rows[head] = rows_chosen
+        return outputs, head_batches, head_rows
+
+    def _gate_decision(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """B bool: what the positive-case gate passes, decided as at inference: the heads it reads (the gate
+        module, or the classifier with ``gate.source: classifier``) run in eval mode (no dropout; BatchNorm
+        uses its running statistics and leaves them unchanged), without gradient, and get their modes back."""
+        tasks = self.model.gate_tasks()
+        modes = [(module, module.training) for task in tasks for module in getattr(self.model, task).modules()]
+        try:
+            for task in tasks:
+                getattr(self.model, task).eval()
+            with torch.no_grad():
+                outputs = self.model.run_heads([f.detach() for f in features], tasks, size)
+                return self.model.gate_probability(outputs) >= self.model.config.gate.threshold
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
     def fit(self) -> list[dict[str, Any]]:
         """Train for the configured epochs (or until ``max_minutes``), validating after each epoch.

@@ -29,7 +29,7 @@ from multichex.fileio import atomic_write_text
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.checkpoint import load_model
 from multichex.training.config import TrainConfig
-from multichex.training.data import make_datasets, prepared_datasets, split_sources
+from multichex.training.data import make_datasets, split_sources
 from multichex.training.loop import Trainer, seed_everything
 from multichex.training.transfer import transfer_model
 
@@ -90,7 +90,7 @@ class Protocol:
         data.update(phase.settings)
         data["sources"] = [s for s in data["sources"] if (s["id"] or s["name"]) in phase.sources]
         data["out_dir"] = str(self.phase_dir(index))
-        data["split_file"] = str(Path(self.base.out_dir) / "split.json")  # the protocol's joint split, for `evaluate --part`
+        data["split_file"] = str((Path(self.base.out_dir) / "split.json").resolve())  # the protocol's joint split, for `evaluate --part`
         if phase.new_classes:
             data["model"]["class_names"] = list(phase.new_classes)
             data["model"]["class_thresholds"] = None
@@ -162,17 +162,14 @@ class ProtocolRunner:
         return {"completed": [], "metrics": {}, "seconds": {}}
 
     def datasets(self, config: TrainConfig, keys: list[str]) -> dict[str, dict[str, CXRDataset]]:
-        """Part → source key → data set for ``keys``, from the protocol's one joint split (built once, reused
-        across phases with the same label set so images are decoded once)."""
+        """Part → source key → data set for ``keys``, from the protocol's one joint split of every source,
+        prepared caches included (built once, reused across phases with the same label set so images are
+        decoded once)."""
         if self._split is None:
             self._split = split_sources(self.protocol.base, self.out_dir)
         parts: dict[str, dict[str, CXRDataset]] = {}
         for source in self.protocol.base.sources:
             if source.key not in keys:
-                continue
-            if source.prepared:
-                for part, dataset in prepared_datasets(config, source).items():
-                    parts.setdefault(part, {})[source.key] = dataset
                 continue
             for part, refs in self._split.items():
                 memo = (tuple(config.model.class_names), config.model.image_size, source.key, part)

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from multichex.data.record import CXRBatch
 from multichex.data.strong_augment import StrongAugment, StrongAugmentConfig
 from multichex.losses.adversarial import discriminator_loss, segmentor_adversarial_loss
-from multichex.losses.masked import masked_bce_with_logits
 from multichex.losses.segmentation import consistency_kl
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.config import AdversarialConfig, SemiSupervisedConfig
@@ -33,18 +32,23 @@ def pseudo_labels(probs: torch.Tensor, labels: torch.Tensor, threshold: float, s
     """Confident predictions on the weak view where the true label is unknown.
 
     Sigmoid outputs: per class, 1 where p ≥ t, 0 where p ≤ 1 − t, for unknown labels of ``allowed`` rows ×
-    classes (``B×C`` bool). Softmax outputs: the top class where its probability ≥ t, for images with no
-    known label at all. Predictions below the threshold give no target, hence no loss.
+    classes (``B×C`` bool); the candidates are those unknown entries. Softmax outputs: for images with no
+    known label at all (in rows where any class is allowed), the top class among the allowed ones where its
+    probability ≥ t; the candidates are those images. Predictions below the threshold give no target.
     """
     unknown = torch.isnan(labels)
-    if allowed is not None:
-        unknown = unknown & allowed
     if softmax:
-        rows = unknown.all(dim=1) & (allowed.any(dim=1) if allowed is not None else True)
-        confidence, index = probs.max(dim=1)
+        rows = unknown.all(dim=1)
+        allowed_probs = probs
+        if allowed is not None:
+            rows = rows & allowed.any(dim=1)
+            allowed_probs = torch.where(allowed, probs, torch.full_like(probs, -1.0))  # the top class is an allowed one
+        confidence, index = allowed_probs.max(dim=1)
         keep = rows & (confidence >= threshold)
         targets = torch.where(keep, index, torch.full_like(index, -1))
         return PseudoLabels(targets, int(rows.sum()), int(keep.sum()))
+    if allowed is not None:
+        unknown = unknown & allowed
     confident = (probs >= threshold) | (probs <= 1 - threshold)
     keep = unknown & confident
     targets = torch.where(keep, (probs >= 0.5).float(), torch.full_like(probs, float("nan")))
@@ -96,21 +100,27 @@ class FewLabelObjectives:
         return allowed & self.class_mask if self.class_mask is not None else allowed
 
     def terms(self, model: MultiCheXNet, images: torch.Tensor, batch: CXRBatch, outputs: dict[str, torch.Tensor],
-              trained: set[str], step: int = 0) -> dict[str, torch.Tensor]:
+              trained: set[str], step: int = 0, seg_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Weighted extra loss terms for global step ``step`` (keys ``ssl_cls``, ``seg_consistency``,
-        ``seg_adversarial``). The strong views are drawn from (seed, step), so a resumed run redraws them."""
+        ``seg_adversarial``). The strong views are drawn from (seed, step), so a resumed run redraws them.
+
+        ``seg_rows`` (B bool): the rows ``outputs["seg"]`` covers when the segmentation head ran on a
+        sub-batch (teacher forcing); ``None``: every row. The segmentation terms use those rows only."""
         terms: dict[str, torch.Tensor] = {}
         if self.semi and self.semi.weight > 0 and "cls" in trained:
             term = self._fixmatch(model, images, batch, outputs, np.random.default_rng([self.seed, step]))
             if term is not None:
                 terms["ssl_cls"] = self.semi.weight * term
-        if self.semi and self.semi.consistency_weight > 0 and "seg" in outputs:
-            has = batch.has_mask.to(outputs["seg"].device)
+        if "seg" not in outputs:
+            return terms
+        seg_images, seg_batch = seg_view(images, batch, seg_rows)
+        if self.semi and self.semi.consistency_weight > 0:
+            has = seg_batch.has_mask.to(outputs["seg"].device)
             if has.any() and (~has).any():
                 terms["seg_consistency"] = self.semi.consistency_weight * consistency_kl(outputs["seg"][has], outputs["seg"][~has])
-        if self.adversarial and self.adversarial.weight > 0 and "seg" in outputs:
+        if self.adversarial and self.adversarial.weight > 0:
             model.disc.requires_grad_(False)  # the segmentor's term moves the segmentor only
-            fake = model.disc(images, torch.sigmoid(outputs["seg"]))
+            fake = model.disc(seg_images, torch.sigmoid(outputs["seg"]))
             terms["seg_adversarial"] = self.adversarial.weight * segmentor_adversarial_loss(fake)
         return terms
 
@@ -131,14 +141,24 @@ class FewLabelObjectives:
         strong, _, _, _ = self.strong.batch(images[rows].contiguous(), None, None, None, rng)
         channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
         logits = model.cls(model.encode(strong.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)))
+        # FixMatch: the confidence mask multiplies the per-entry loss; the sum is divided by every unlabelled
+        # entry (candidate) with "all", by the confident ones only with "confident".
         if softmax:
-            return F.cross_entropy(logits, pseudo.targets[rows])
-        return masked_bce_with_logits(logits, pseudo.targets[rows])
+            summed = F.cross_entropy(logits, pseudo.targets[rows], reduction="sum")
+        else:
+            targets = pseudo.targets[rows]
+            kept = ~torch.isnan(targets)
+            per_entry = F.binary_cross_entropy_with_logits(logits, torch.where(kept, targets, torch.zeros_like(targets)), reduction="none")
+            summed = (per_entry * kept).sum()
+        return summed / (pseudo.candidates if self.semi.normalise == "all" else pseudo.kept)
 
-    def discriminator_step(self, model: MultiCheXNet, images: torch.Tensor, batch: CXRBatch, outputs: dict[str, torch.Tensor]) -> float | None:
-        """One discriminator update on this step's (image, true mask) and (image, predicted mask) pairs."""
+    def discriminator_step(self, model: MultiCheXNet, images: torch.Tensor, batch: CXRBatch, outputs: dict[str, torch.Tensor],
+                           seg_rows: torch.Tensor | None = None) -> float | None:
+        """One discriminator update on this step's (image, true mask) and (image, predicted mask) pairs, both
+        from the rows the segmentation head ran on (``seg_rows``, as in :meth:`terms`)."""
         if self.disc_optimizer is None or "seg" not in outputs:
             return None
+        images, batch = seg_view(images, batch, seg_rows)
         model.disc.requires_grad_(True)
         has = batch.has_mask
         real_logits = model.disc(images[has], batch.masks[has].to(images.dtype)) if has.any() else images.new_zeros(0, len(self.disc_classes) + 1)
@@ -153,3 +173,10 @@ class FewLabelObjectives:
         model.disc.requires_grad_(False)
         self.counts.add("disc_steps", 1)
         return float(loss.detach())
+
+
+def seg_view(images: torch.Tensor, batch: CXRBatch, seg_rows: torch.Tensor | None) -> tuple[torch.Tensor, CXRBatch]:
+    """The images and batch rows a segmentation output covers (``seg_rows`` B bool; ``None``: all of them)."""
+    if seg_rows is None:
+        return images, batch
+    return images[seg_rows.to(images.device)], batch.select(seg_rows)

@@ -89,9 +89,12 @@ def test_labels_boxes_and_missing_images(nih_native: Path, caplog: pytest.LogCap
 
     assert by_name["00000001_000.png"].boxes_xywh is None  # not exhaustive: no row = unknown
     assert by_name["00000001_000.png"].box_names is None
-    assert by_name["00000001_001.png"].boxes_xywh == [(100.5, 200.25, 300.0, 400.0), (10.0, 20.0, 30.0, 40.0)]
+    # The fixture's images are 8×8: boxes of the 1024×1024 frame are scaled by 8/1024 = 1/128.
+    assert by_name["00000001_001.png"].boxes_xywh == [
+        tuple(v / 128 for v in (100.5, 200.25, 300.0, 400.0)), tuple(v / 128 for v in (10.0, 20.0, 30.0, 40.0))
+    ]
     assert by_name["00000001_001.png"].box_names == ["Cardiomegaly", "Effusion"]
-    assert by_name["00000002_001.png"].boxes_xywh == [(512.0, 256.5, 64.0, 32.0)]
+    assert by_name["00000002_001.png"].boxes_xywh == [tuple(v / 128 for v in (512.0, 256.5, 64.0, 32.0))]
     assert by_name["00000002_001.png"].box_names == ["Infiltration"]
     assert all(r.mask_path is None and r.mask_rle is None for r in refs)
 
@@ -164,3 +167,40 @@ def test_real_nih_box_list() -> None:
     assert labels.count("Infiltration") == 123 and "Infiltrate" not in labels
     assert all(0 <= x and 0 <= y and x + w <= 1025 and y + h <= 1025 for e in boxes.values() for _, (x, y, w, h) in e)
     assert not any(math.isnan(v) for e in boxes.values() for _, b in e for v in b)
+
+
+def test_boxes_follow_a_resized_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """BBox_List_2017.csv is in the 1024×1024 frame: on 256 px copies (and any other size) boxes are scaled
+    by width/1024 and height/1024, so they land on the lesion instead of being clipped or dropped."""
+    from multichex.data.sources import CXRDataset
+
+    _write(tmp_path / "Data_Entry_2017.csv", [
+        ENTRY_HEADER,
+        "00000005_000.png,Mass,0,5,050Y,M,PA,2500,2048,0.168,0.168,",
+        "00000006_000.png,Nodule,0,6,050Y,F,PA,2500,2048,0.168,0.168,",
+        "00000007_000.png,Mass,0,7,050Y,F,PA,2500,2048,0.168,0.168,",  # image file missing
+    ])
+    _write(tmp_path / "BBox_List_2017.csv", [
+        BOX_HEADER,
+        "00000005_000.png,Mass,512,256,128,64,,,",
+        "00000005_000.png,Mass,100,900,24,40,,,",
+        "00000006_000.png,Nodule,512,256,128,64,,,",
+        "00000007_000.png,Mass,512,256,128,64,,,",
+    ])
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((256, 256), dtype=np.uint8), mode="L").save(tmp_path / "images" / "00000005_000.png")
+    Image.fromarray(np.zeros((128, 512), dtype=np.uint8), mode="L").save(tmp_path / "images" / "00000006_000.png")  # 512 wide, 128 high
+    refs = read_nih(tmp_path)
+    assert [r.image_path.name for r in refs] == ["00000005_000.png", "00000006_000.png"]
+    assert refs[0].boxes_xywh == [(128.0, 64.0, 32.0, 16.0), (25.0, 225.0, 6.0, 10.0)]
+    assert refs[1].boxes_xywh == [(256.0, 32.0, 64.0, 8.0)]
+
+    sample = CXRDataset(refs[:1], ["Mass"], ["Mass", "Nodule"], 256, augment=None)[0]
+    assert sample is not None and sample.boxes.tolist() == [[128.0, 64.0, 160.0, 80.0], [25.0, 225.0, 31.0, 235.0]]
+
+    with caplog.at_level(logging.WARNING, logger="multichex.data.native.nih"):
+        kept = read_nih(tmp_path, require_images=False)
+    assert kept[-1].image_path.name == "00000007_000.png"
+    assert kept[-1].boxes_xywh is None and kept[-1].box_names is None  # size unknown: never boxes in a wrong frame
+    assert [r.boxes_xywh for r in kept[:2]] == [r.boxes_xywh for r in refs]
+    assert sum("size could not be read" in r.getMessage() for r in caplog.records) == 1

@@ -138,3 +138,14 @@ def test_errors_name_file_and_row(rsna_native: Path) -> None:
     classes.unlink()
     with pytest.raises(ValueError, match=r"detailed_class_info\.csv: file not found"):
         read_rsna(rsna_native)
+
+
+def test_lung_opacity_boxes_outside_default_box_classes_are_not_negatives(rsna_native: Path) -> None:
+    """RSNA boxes are "Lung Opacity", not a default box class: the positive image is unannotated, not "no lesion"."""
+    from multichex.models.config import DEFAULT_BOX_CLASSES
+
+    assert "Lung Opacity" not in DEFAULT_BOX_CLASSES
+    data = CXRDataset(read_rsna(rsna_native), class_names=["Pneumonia"], box_classes=DEFAULT_BOX_CLASSES, image_size=64, augment=None)
+    opacity, normal, not_normal = (data[i] for i in range(3))
+    assert opacity.boxes is None and opacity.positive == 1.0
+    assert normal.boxes.shape == (0, 4) and not_normal.boxes.shape == (0, 4)

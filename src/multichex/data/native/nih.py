@@ -7,7 +7,9 @@ Files read from ``root``:
   OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]`` (the bracketed names contain unquoted
   commas, and rows may end in empty cells), so columns are found by name only for the first seven.
 * ``BBox_List_2017.csv`` (optional) — ``Image Index,Finding Label,Bbox [x,y,w,h],,,``: x, y, w, h are
-  the 3rd to 6th cells, in pixels of the original 1024×1024 images.
+  the 3rd to 6th cells, in pixels of the released 1024×1024 images. :func:`read_nih` scales them to each
+  image file's own size (x and w by width/1024, y and h by height/1024), so resized copies of the
+  data set (the common 512 or 256 px ones) get boxes in their own pixels.
 * ``train_val_list.txt`` / ``test_list.txt`` (optional) — the official split, one image name a line.
 * images in ``images/`` and/or ``images_001/images/`` … ``images_012/images/``.
 """
@@ -22,6 +24,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image
+
+from multichex.data.io import ImageReadError, read_image
 from multichex.data.labels import NIH_FINDINGS, canonical_name
 from multichex.data.sources import SampleRef
 
@@ -33,6 +38,8 @@ BOX_COLUMNS = ("Image Index", "Finding Label")
 SPLIT_FILES = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
 _AGE = re.compile(r"^(\d+)\s*([YMWD]?)$", re.IGNORECASE)
 _AGE_UNIT_PER_YEAR = {"": 1.0, "Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
+BOX_FRAME = (1024, 1024)
+"""Width and height of the released images, the pixel frame of ``BBox_List_2017.csv``."""
 
 Box = tuple[float, float, float, float]
 
@@ -118,6 +125,28 @@ def read_nih_boxes(path: Path) -> dict[str, list[tuple[str, Box]]]:
     return grouped
 
 
+def image_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` of an image file — from its header when Pillow knows the format, else by
+    decoding it — or None when the file is missing or unreadable."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # noqa: BLE001 - not a format Pillow reads (e.g. DICOM): the full reader decides
+        try:
+            height, width = read_image(path).array.shape
+        except ImageReadError:
+            return None
+        return width, height
+
+
+def scale_boxes(boxes: Sequence[Box], size: tuple[int, int], frame: tuple[int, int] = BOX_FRAME) -> list[Box]:
+    """Boxes ``(x, y, w, h)`` drawn on a ``frame`` (width, height) image, in pixels of a ``size`` image."""
+    sx, sy = size[0] / frame[0], size[1] / frame[1]
+    return [(x * sx, y * sy, w * sx, h * sy) for x, y, w, h in boxes]
+
+
 def index_images(root: Path) -> dict[str, Path]:
     """Image name → path over ``images/`` and ``images_*/images/`` (first found wins), one directory scan each."""
     root = Path(root)
@@ -159,8 +188,11 @@ def read_nih(
     """Read NIH ChestX-ray14 as published: every image has all 14 findings and "No Finding" as 0/1.
 
     Box annotation is not exhaustive, so images without a box row get ``boxes_xywh=None`` (unknown).
-    ``split`` filters by the official lists, ``views`` by View Position (None keeps all); with
-    ``require_images`` rows whose image file is absent are dropped (one warning gives the count).
+    Boxes are in pixels of the image file (see the module notes); an image whose size cannot be read
+    (absent with ``require_images=False``, or unreadable) gets ``boxes_xywh=None`` rather than boxes in
+    a frame it may not have (one warning gives the count). ``split`` filters by the official lists,
+    ``views`` by View Position (None keeps all); with ``require_images`` rows whose image file is
+    absent are dropped (one warning gives the count).
     """
     root = Path(root)
     entry_path = find_entry_file(root)
@@ -172,7 +204,7 @@ def read_nih(
     images = index_images(root)
     refs: list[SampleRef] = []
     seen: set[str] = set()
-    missing = 0
+    missing = unsized = 0
     for line, cells in rows:
         get = {name: cells[i] if i < len(cells) else "" for name, i in columns.items()}
         name = _cell(cells, columns["Image Index"], entry_path, line, "Image Index")
@@ -196,6 +228,13 @@ def read_nih(
                 continue
             path = root / "images" / name
         image_boxes = box_index.get(name)
+        if image_boxes:
+            size = image_size(path)
+            if size is None:
+                unsized += 1
+                image_boxes = None
+            else:
+                image_boxes = list(zip([label for label, _ in image_boxes], scale_boxes([box for _, box in image_boxes], size)))
         refs.append(
             SampleRef(
                 image_path=path,
@@ -210,4 +249,7 @@ def read_nih(
         )
     if missing:
         log.warning("%s: %d selected rows have no image file under images/ or images_*/images/; dropped", entry_path, missing)
+    if unsized:
+        log.warning("%s: %d images with boxes: image size could not be read, so their boxes (in the %d×%d frame) "
+                    "cannot be scaled; they are marked not box-annotated", box_files[0], unsized, *BOX_FRAME)
     return refs
