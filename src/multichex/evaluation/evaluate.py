@@ -16,7 +16,7 @@ from multichex.evaluation.bootstrap import DEFAULT_BOOTSTRAP, bootstrap_ci, boot
 from multichex.evaluation.metrics import (
     classification_metrics, detection_map, dice_per_image, jaccard_per_image, macro_class_sets, segmentation_scores,
 )
-from multichex.evaluation.thresholds import at_or_above
+from multichex.models.decision import at_or_above
 from multichex.models.multichexnet import MultiCheXNet
 
 SEGMENTATION_KEYS = ("dice", "jaccard", "avg_hausdorff", "ssim")  # per-image lists of Collected, keys of metrics["segmentation"]

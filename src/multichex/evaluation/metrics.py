@@ -19,7 +19,7 @@ from monai.metrics import DiceMetric, compute_average_surface_distance
 from skimage.metrics import structural_similarity
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score, binary_stat_scores
 
-from multichex.evaluation.thresholds import at_or_above
+from multichex.models.decision import at_or_above
 
 __all__ = [
     "classification_metrics",

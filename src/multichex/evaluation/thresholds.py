@@ -6,25 +6,14 @@ torchmetrics picks an operating point by a criterion such as "highest threshold 
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
+from multichex.models.decision import at_or_above
+
 CRITERIA = ("youden", "f1", "sensitivity")
-
-Scores = TypeVar("Scores")
-
-
-def at_or_above(scores: Scores, threshold: Any) -> Scores:
-    """The one decision rule of the package: a score is positive when ``score >= threshold``.
-
-    Used for class findings, the gate's decision and mask binarisation, in evaluation and in inference
-    (PyTorch and ONNX Runtime share :func:`multichex.models.multichexnet.assemble_prediction`), so a
-    probability exactly at its threshold is decided the same way everywhere. ``scores`` is a tensor,
-    an array or a number; ``threshold`` a number or anything that broadcasts against ``scores``
-    (e.g. one threshold per class). Returns booleans of the same kind as ``scores``.
-    """
-    return scores >= threshold
+__all__ = ["CRITERIA", "at_or_above", "choose_threshold", "per_class_thresholds", "threshold_sweep"]
 
 
 def per_class_thresholds(probs: np.ndarray, labels: np.ndarray, criterion: str = "f1", default: float = 0.5) -> list[float]:

@@ -33,7 +33,7 @@ from multichex import CLINICAL_DISCLAIMER
 from multichex.data.io import ImageReadError, LoadedImage, read_image, to_uint8
 from multichex.data.transforms import Letterbox, normalize_intensity
 from multichex.evaluation.overlay import render_overlay
-from multichex.evaluation.thresholds import at_or_above
+from multichex.models.decision import at_or_above
 from multichex.fileio import atomic_write_bytes, atomic_write_text
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.inference.explain import GradCamExplainer, heatmap_overlay

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from multichex.inference.onnx_runtime import FEATURES, OnnxModel, export_onnx, onnx_paths
+from multichex.models.decision import at_or_above
 from multichex.models.multichexnet import MultiCheXNet
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -106,7 +107,7 @@ def agreement(reference: MultiCheXNet | OnnxModel, candidate: MultiCheXNet | Onn
         x = images[start : start + batch]
         a, b = reference.predict(x, use_gate=False), candidate.predict(x, use_gate=False)
         diffs.append((a.class_probs - b.class_probs).abs())
-        decisions.append(((a.class_probs >= thresholds) == (b.class_probs >= thresholds)).float())
+        decisions.append((at_or_above(a.class_probs, thresholds) == at_or_above(b.class_probs, thresholds)).float())
         gates.append((a.gate_positive == b.gate_positive).float())
         for seg_a, seg_b, det_a, det_b in zip(a.seg_probs, b.seg_probs, a.detections, b.detections):
             if seg_a is not None and seg_b is not None:

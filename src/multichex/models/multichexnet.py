@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from multichex.evaluation.thresholds import at_or_above
+from multichex.models.decision import at_or_above
 from multichex.models.config import TASKS, ModelConfig
 from multichex.models.discriminator import PairDiscriminator
 from multichex.models.encoders import get_encoder

@@ -20,6 +20,7 @@ from multichex.data.sources import CXRDataset
 from multichex.data.samplers import AlternatingBatches, JointBatches
 from multichex.evaluation.evaluate import collect, evaluate_datasets
 from multichex.evaluation.thresholds import choose_threshold, per_class_thresholds
+from multichex.models.decision import at_or_above
 from multichex.losses.multitask import MultiTaskLoss
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.checkpoint import load_weights, read_checkpoint, restore_other_optimizer, restore_training_state, save_checkpoint
@@ -347,7 +348,7 @@ class Trainer:
                 getattr(self.model, task).eval()
             with torch.no_grad():
                 outputs = self.model.run_heads([f.detach() for f in features], tasks, size)
-                return self.model.gate_probability(outputs) >= self.model.config.gate.threshold
+                return at_or_above(self.model.gate_probability(outputs), self.model.config.gate.threshold)
         finally:
             for module, mode in modes:
                 module.training = mode
