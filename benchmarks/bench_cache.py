@@ -20,21 +20,32 @@ Acceptance: cache loading >= 5x the default model's training throughput (benchma
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when loaded from elsewhere
+
 import numpy as np
 import torch
+from bench_common import (
+    CONTENTION_LIMIT,
+    Measurement,
+    least_loaded,
+    log,
+    machine_info,
+    md_table,
+    results_stem,
+    timed,
+    write_results,
+)
 from torch.utils.data import DataLoader
 
 from multichex.data.cache import PreparedDataset, prepare_cache, read_png_u8
@@ -47,61 +58,15 @@ from multichex.models.config import ModelConfig
 SOURCES = {"nih-cxr14-bbox": "/work/shared/data/nih-cxr14-bbox", "covid-chestxray": "/work/shared/data/covid-chestxray"}
 FALLBACK_TRAIN_IPS = 33.32
 SPEEDUP_TARGET = 5.0
-CONTENTION_LIMIT = 0.25  # cores used by other processes above which a timed section is redone
-RETRIES = 2
-DEFAULT_MAX_WAIT_IDLE = 30.0
-MAX_WAIT_IDLE = DEFAULT_MAX_WAIT_IDLE  # seconds to wait for an idle machine before a timed section (--max-wait-idle)
+RETRIES = 2  # redos of a timed section measured while other processes used > CONTENTION_LIMIT cores
+DEFAULT_MAX_WAIT_IDLE = 30.0  # seconds to wait for an idle machine before a timed section (--max-wait-idle)
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def cpu_jiffies() -> tuple[float, float]:
-    """(busy, total) CPU time of the whole machine from /proc/stat, in seconds."""
-    fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-    return (sum(fields) - idle) / tick, sum(fields) / tick
-
-
-def own_cpu() -> float:
-    """CPU seconds of this process and its waited-for children."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def measured(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """Run ``fn``; return its result, wall seconds and the cores used meanwhile by *other* processes."""
-    busy0, own0, start = cpu_jiffies()[0], own_cpu(), time.perf_counter()
-    result = fn()
-    wall = time.perf_counter() - start
-    foreign = max(0.0, (cpu_jiffies()[0] - busy0) - (own_cpu() - own0)) / wall if wall > 0 else 0.0
-    return result, wall, foreign
-
-
-def wait_for_idle(max_wait: float, window: float = 0.5) -> float:
-    """Sleep until the machine is idle (< CONTENTION_LIMIT busy cores over ``window``) or ``max_wait`` passed; returns the last load."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        busy0 = cpu_jiffies()[0]
-        time.sleep(window)
-        load = (cpu_jiffies()[0] - busy0) / window
-        if load < CONTENTION_LIMIT or time.monotonic() >= deadline:
-            return load
-
-
-def least_loaded(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """:func:`measured` after waiting for an idle machine, redone (up to RETRIES times) while other processes
-    used > CONTENTION_LIMIT cores; the least loaded attempt is kept."""
-    wait_for_idle(MAX_WAIT_IDLE)
-    best = measured(fn)
-    for _ in range(RETRIES):
-        if best[2] <= CONTENTION_LIMIT:
-            break
-        wait_for_idle(MAX_WAIT_IDLE)
-        again = measured(fn)
-        best = again if again[2] < best[2] else best
+def quiet_run(fn: Callable[[], Any], max_wait: float) -> Measurement:
+    """``fn`` after waiting for an idle machine, redone while other processes loaded the CPU (children's CPU
+    time, i.e. preparation and DataLoader workers, counts as this benchmark's own); the least-loaded attempt."""
+    best, _ = least_loaded(fn, RETRIES, wait_first=True, idle_wait_s=max_wait, idle_window_s=0.5, include_children=True)
+    best.foreign_cores = best.foreign_cores or 0.0  # (None only without /proc/stat)
     return best
 
 
@@ -119,13 +84,14 @@ def training_ips(results_dir: Path) -> tuple[float, str]:
 # --------------------------------------------------------------------------- 1. preparation
 
 
-def bench_prepare(name: str, root: str, out: Path, size: int, workers: int, limit: int | None) -> dict[str, Any]:
+def bench_prepare(name: str, root: str, out: Path, size: int, workers: int, limit: int | None, max_wait: float) -> dict[str, Any]:
     """Prepare one source into a fresh folder and time it."""
     def fresh() -> Any:
         shutil.rmtree(out, ignore_errors=True)
         return prepare_cache(name, root, out, size, workers=workers, limit=limit, progress=False)
 
-    result, wall, foreign = least_loaded(fresh)
+    run = quiet_run(fresh, max_wait)
+    result, wall, foreign = run.result, run.wall_s, run.foreign_cores
     files = list((out / "images").glob("*.png")) + list((out / "masks").glob("*.png"))
     row = {
         "source": name, "items": result.total, "errors": len(result.errors), "workers": workers, "size": size,
@@ -153,14 +119,15 @@ def epoch_images(dataset: Any, batch: int, workers: int, epoch: int, max_batches
 
 
 def bench_loading(kind: str, dataset: Any, source: str, augment: bool, batch: int, workers: int, repeats: int,
-                  max_batches: int | None) -> dict[str, Any]:
+                  max_batches: int | None, max_wait: float) -> dict[str, Any]:
     """Median images/s over ``repeats`` epochs (one untimed warm-up epoch first)."""
     epoch_images(dataset, batch, workers, 0, min(2, max_batches or 2))
     rates, foreign = [], []
     for epoch in range(1, repeats + 1):
-        count, wall, load = least_loaded(lambda: epoch_images(dataset, batch, workers, epoch, max_batches))
-        rates.append(count / wall)
-        foreign.append(load)
+        run = quiet_run(partial(epoch_images, dataset, batch, workers, epoch, max_batches), max_wait)
+        count = run.result
+        rates.append(count / run.wall_s)
+        foreign.append(run.foreign_cores)
     row = {
         "dataset": kind, "source": source, "augment": augment, "num_workers": workers, "batch": batch,
         "images_per_epoch": count, "repeats": repeats, "images_per_s": statistics.median(rates),
@@ -177,19 +144,11 @@ def augment_stages(augment: JointAugment, sample: Any, rng: np.random.Generator)
     """Seconds of each part of one JointAugment call (same operations, timed separately)."""
     times = {}
     forward = augment.sample_matrix(sample.image.shape[-1], rng)
-    start = time.perf_counter()
-    image = warp(sample.image, forward, "bilinear")
-    times["augment_warp_image"] = time.perf_counter() - start
+    image, times["augment_warp_image"] = timed(lambda: warp(sample.image, forward, "bilinear"))
     if sample.mask is not None:
-        start = time.perf_counter()
-        warp(sample.mask, forward, "nearest")
-        times["augment_warp_mask"] = time.perf_counter() - start
-    start = time.perf_counter()
-    augment.intensity(image, rng)
-    times["augment_intensity_noise"] = time.perf_counter() - start
-    start = time.perf_counter()
-    rng.normal(0.0, augment.config.noise_std, size=tuple(image.shape)).astype(np.float32)
-    times["augment_noise_only"] = time.perf_counter() - start
+        times["augment_warp_mask"] = timed(lambda: warp(sample.mask, forward, "nearest"))[1]
+    times["augment_intensity_noise"] = timed(lambda: augment.intensity(image, rng))[1]
+    times["augment_noise_only"] = timed(lambda: rng.normal(0.0, augment.config.noise_std, size=tuple(image.shape)).astype(np.float32))[1]
     return times
 
 
@@ -197,92 +156,76 @@ def profile_prepared(dataset: PreparedDataset, n: int, batch: int) -> dict[str, 
     """Mean ms per image of each loading stage of PreparedDataset (single process)."""
     n = min(n, len(dataset))
     augment = JointAugment(AugmentConfig())
-    timings = {"png_decode_image": 0.0, "png_decode_mask": 0.0, "load_total": 0.0, "sample_no_augment": 0.0,
-               "augment_total": 0.0, "augment_warp_image": 0.0, "augment_warp_mask": 0.0, "augment_intensity_noise": 0.0,
-               "augment_noise_only": 0.0, "collate_per_image": 0.0}
+    timings = dict.fromkeys(["png_decode_image", "png_decode_mask", "load_total", "sample_no_augment", "augment_total", "augment_warp_image",
+                             "augment_warp_mask", "augment_intensity_noise", "augment_noise_only", "collate_per_image"], 0.0)
     samples = []
     for index in range(n):
         item = dataset.items[index]
-        start = time.perf_counter()
-        read_png_u8(item.image, dataset.image_size)
-        timings["png_decode_image"] += time.perf_counter() - start
+        timings["png_decode_image"] += timed(partial(read_png_u8, item.image, dataset.image_size))[1]
         if item.mask is not None:
-            start = time.perf_counter()
-            read_png_u8(item.mask, dataset.image_size)
-            timings["png_decode_mask"] += time.perf_counter() - start
-        start = time.perf_counter()
-        dataset._load(index)
-        timings["load_total"] += time.perf_counter() - start
-        start = time.perf_counter()
-        sample = dataset[index]
-        timings["sample_no_augment"] += time.perf_counter() - start
+            timings["png_decode_mask"] += timed(partial(read_png_u8, item.mask, dataset.image_size))[1]
+        timings["load_total"] += timed(partial(dataset._load, index))[1]
+        sample, seconds = timed(partial(dataset.__getitem__, index))
+        timings["sample_no_augment"] += seconds
         samples.append(sample)
         rng = np.random.default_rng([0, 0, index])
-        start = time.perf_counter()
-        augment(sample.image, sample.mask, sample.boxes, sample.box_labels, rng)
-        timings["augment_total"] += time.perf_counter() - start
+        timings["augment_total"] += timed(partial(augment, sample.image, sample.mask, sample.boxes, sample.box_labels, rng))[1]
         for stage, seconds in augment_stages(augment, sample, np.random.default_rng([0, 0, index])).items():
             timings[stage] += seconds
     for first in range(0, n, batch):
-        start = time.perf_counter()
-        collate_samples(samples[first : first + batch])
-        timings["collate_per_image"] += time.perf_counter() - start
+        timings["collate_per_image"] += timed(partial(collate_samples, samples[first : first + batch]))[1]
     return {k: 1000 * v / n for k, v in timings.items()}
 
 
 # --------------------------------------------------------------------------- report
 
 
-def write_report(result: dict[str, Any], out_dir: Path, stem: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    target, train = result["target_images_per_s"], result["training_images_per_s"]
+def render(result: dict[str, Any]) -> str:
+    """``cache.md`` for a ``cache.json`` result."""
+    target, train, m = result["target_images_per_s"], result["training_images_per_s"], result["machine"]
     lines = [
         "# Prepared cache benchmark", "",
-        f"Generated by `python benchmarks/bench_cache.py{' --quick' if result['quick'] else ''}` "
-        f"({result['machine']['cores']} logical cores, torch threads {result['machine']['torch_threads']}, "
-        f"torch {result['machine']['torch']}, python {result['machine']['python']}, {result['machine']['date']}, "
-        f"total wall time {result['wall_s']:.0f} s).", "",
-        f"Image size {result['size']} px, batch {result['batch']}. Acceptance: cache loading >= {SPEEDUP_TARGET:.0f}x the default "
-        f"model's training throughput ({train:.2f} images/s from {result['training_source']}) = **{target:.1f} images/s**.", "",
+        (f"Generated by `python benchmarks/bench_cache.py{' --quick' if result['quick'] else ''}` "
+        f"({m['cores']} logical cores, torch threads {m['torch_threads']}, torch {m['torch']}, python {m['python']}, {m['date']}, "
+        f"total wall time {result['wall_s']:.0f} s)."), "",
+        (f"Image size {result['size']} px, batch {result['batch']}. Acceptance: cache loading >= {SPEEDUP_TARGET:.0f}x the default "
+        f"model's training throughput ({train:.2f} images/s from {result['training_source']}) = **{target:.1f} images/s**."), "",
         "## 1. Preparation (`multichex data prepare`, fresh folder)", "",
-        "| source | items | errors | workers | wall (s) | images/s | cache size (MB) | other processes' load (cores) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["prepare"]:
-        lines.append(f"| {r['source']} | {r['items']} | {r['errors']} | {r['workers']} | {r['wall_s']:.1f} | "
-                     f"{r['images_per_s']:.1f} | {r['cache_mb']:.1f} | {r['foreign_cores']:.2f} |")
+    lines += md_table(
+        ["source", "items", "errors", "workers", "wall (s)", "images/s", "cache size (MB)", "other processes' load (cores)"],
+        [[r["source"], r["items"], r["errors"], r["workers"], f"{r['wall_s']:.1f}", f"{r['images_per_s']:.1f}", f"{r['cache_mb']:.1f}",
+          f"{r['foreign_cores']:.2f}"] for r in result["prepare"]],
+    )
     lines += [
         "", "## 2. Loading through a DataLoader (one shuffled epoch per repeat, fresh loader, `collate_samples`)", "",
         "CXRDataset = raw folder, `cache=False` (decode + normalise + letterbox every time). PreparedDataset = cache PNGs.",
         "images/s = median over the repeats (min–max in brackets); worker start-up included.", "",
-        "| source | dataset | augmentation | num_workers | images/epoch | images/s | x training | >= target | other load (cores) |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["loading"]:
-        verdict = "PASS" if r["images_per_s"] >= target else "FAIL"
-        if r["dataset"] != "prepared":
-            verdict = "(baseline)"
-        lines.append(f"| {r['source']} | {r['dataset']} | {'on' if r['augment'] else 'off'} | {r['num_workers']} | {r['images_per_epoch']} | "
-                     f"{r['images_per_s']:.1f} ({r['min_images_per_s']:.0f}–{r['max_images_per_s']:.0f}) | "
-                     f"{r['images_per_s'] / train:.1f}x | {verdict} | {r['foreign_cores']:.2f} |")
-    lines += ["", "Speed-up of the cache over the raw folder (same source, augmentation, num_workers):", "",
-              "| source | augmentation | num_workers | raw images/s | cache images/s | speed-up |", "|---|---|---|---|---|---|"]
-    for s in result["speedups"]:
-        lines.append(f"| {s['source']} | {'on' if s['augment'] else 'off'} | {s['num_workers']} | {s['raw']:.1f} | {s['prepared']:.1f} | {s['speedup']:.1f}x |")
+    lines += md_table(
+        ["source", "dataset", "augmentation", "num_workers", "images/epoch", "images/s", "x training", ">= target", "other load (cores)"],
+        [[r["source"], r["dataset"], "on" if r["augment"] else "off", r["num_workers"], r["images_per_epoch"],
+          f"{r['images_per_s']:.1f} ({r['min_images_per_s']:.0f}–{r['max_images_per_s']:.0f})", f"{r['images_per_s'] / train:.1f}x",
+          ("PASS" if r["images_per_s"] >= target else "FAIL") if r["dataset"] == "prepared" else "(baseline)", f"{r['foreign_cores']:.2f}"]
+         for r in result["loading"]],
+    )
+    lines += ["", "Speed-up of the cache over the raw folder (same source, augmentation, num_workers):", ""]
+    lines += md_table(
+        ["source", "augmentation", "num_workers", "raw images/s", "cache images/s", "speed-up"],
+        [[s["source"], "on" if s["augment"] else "off", s["num_workers"], f"{s['raw']:.1f}", f"{s['prepared']:.1f}", f"{s['speedup']:.1f}x"]
+         for s in result["speedups"]],
+    )
     lines += ["", "## 3. Where PreparedDataset spends its time (single process, ms per image)", ""]
     for source, stages in result["profile"].items():
-        lines.append(f"**{source}**: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
-        lines.append("")
-        lines.append(profile_sentence(stages))
-        lines.append("")
-    lines += ["## Acceptance", "", "| target | measured | result |", "|---|---|---|"]
-    for a in result["acceptance"]:
-        lines.append(f"| {a['target']} | {a['measured']:.1f} images/s | {'PASS' if a['passed'] else 'FAIL'} |")
-    lines += ["", "Background load (cores used by other processes, from /proc/stat minus this process and its children): before each timed "
-              f"section the benchmark waits up to {MAX_WAIT_IDLE:.0f} s for an idle machine; a section above {CONTENTION_LIMIT} cores is redone up to {RETRIES} times and the least-loaded attempt kept; the largest "
-              f"value left is {result['max_foreign_cores']:.2f}.", ""]
-    (out_dir / f"{stem}.md").write_text("\n".join(lines))
+        lines += [f"**{source}**: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), "", profile_sentence(stages), ""]
+    lines += ["## Acceptance", ""]
+    lines += md_table(["target", "measured", "result"],
+                      [[a["target"], f"{a['measured']:.1f} images/s", "PASS" if a["passed"] else "FAIL"] for a in result["acceptance"]])
+    max_wait = result.get("max_wait_idle_s", DEFAULT_MAX_WAIT_IDLE)
+    lines += ["", ("Background load (cores used by other processes, from /proc/stat minus this process and its children): before each timed "
+              f"section the benchmark waits up to {max_wait:.0f} s for an idle machine; a section above {CONTENTION_LIMIT} cores is redone "
+              f"up to {RETRIES} times and the least-loaded attempt kept; the largest value left is {result['max_foreign_cores']:.2f}."), ""]
+    return "\n".join(lines)
 
 
 def profile_sentence(stages: dict[str, float]) -> str:
@@ -308,7 +251,8 @@ def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Prepare, load and profile each source found; write cache{,_quick}.{md,json}."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="few batches, one repeat")
     parser.add_argument("--size", type=int, default=256)
@@ -319,15 +263,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--max-wait-idle", type=float, default=DEFAULT_MAX_WAIT_IDLE, help="seconds to wait for an idle machine per timed section")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the caches go (default: a temp folder)")
-    args = parser.parse_args()
-    global MAX_WAIT_IDLE
-    MAX_WAIT_IDLE = args.max_wait_idle
+    args = parser.parse_args(argv)
+    wait = args.max_wait_idle
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     limit = 48 if args.quick else None
     max_batches = 3 if args.quick else None
     repeats = 1 if args.quick else args.repeats
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    machine = machine_info(args.threads)
     model = ModelConfig()
     train_ips, train_source = training_ips(args.out)
     target = SPEEDUP_TARGET * train_ips
@@ -338,15 +282,15 @@ def main() -> None:
             log(f"skipping {name}: {root} not found")
             continue
         cache = work / f"{name}-{args.size}"
-        prepare_rows.append(bench_prepare(name, root, cache, args.size, args.workers, limit))
+        prepare_rows.append(bench_prepare(name, root, cache, args.size, args.workers, limit, wait))
         refs = read_source(name, root)[:limit] if limit else read_source(name, root)
         for augment in (False, True):
             config = AugmentConfig() if augment else None
             prepared = PreparedDataset(cache, model.class_names, model.box_classes, args.size, augment=config)
             raw = CXRDataset(refs, model.class_names, model.box_classes, args.size, augment=config, cache=False)
             for workers in (0, 2):
-                loading_rows.append(bench_loading("prepared", prepared, name, augment, args.batch, workers, repeats, max_batches))
-                loading_rows.append(bench_loading("raw", raw, name, augment, args.batch, workers, repeats, max_batches))
+                loading_rows.append(bench_loading("prepared", prepared, name, augment, args.batch, workers, repeats, max_batches, wait))
+                loading_rows.append(bench_loading("raw", raw, name, augment, args.batch, workers, repeats, max_batches, wait))
         profile[name] = profile_prepared(PreparedDataset(cache, model.class_names, model.box_classes, args.size), 64 if args.quick else 256, args.batch)
         log(f"profile {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in profile[name].items()))
 
@@ -358,21 +302,21 @@ def main() -> None:
     ]
     result = {
         "quick": args.quick, "size": args.size, "batch": args.batch,
-        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+        "machine": {**machine, "cores": machine["logical_cores"], "torch_threads": machine["torch_num_threads"]},
+        "max_wait_idle_s": wait,
         "training_images_per_s": train_ips, "training_source": train_source, "target_images_per_s": target,
         "prepare": prepare_rows, "loading": loading_rows, "speedups": speedups(loading_rows), "profile": profile,
         "acceptance": acceptance,
         "max_foreign_cores": max([r["foreign_cores"] for r in prepare_rows + loading_rows] or [0.0]),
         "wall_s": time.perf_counter() - started,
     }
-    write_report(result, args.out, "cache_quick" if args.quick else "cache")
+    stem = results_stem("cache", args.quick)
+    write_results(args.out, stem, result, render(result), indent=1)
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
-    log(f"wrote {args.out}/{'cache_quick' if args.quick else 'cache'}.md; acceptance: "
-        f"{sum(a['passed'] for a in acceptance)}/{len(acceptance)} pass")
-    sys.exit(0)
+    log(f"wrote {args.out}/{stem}.md; acceptance: {sum(a['passed'] for a in acceptance)}/{len(acceptance)} pass")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

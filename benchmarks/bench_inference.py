@@ -16,32 +16,40 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime as dt
-import json
 import socket
 import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when loaded from elsewhere
+
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import (  # noqa: E402  (sibling script, not a package)
-    CL, CpuMonitor, bench_shared, build_model, log, machine_info, percentile, source_fingerprint, synthetic_images, time_calls,
-    wait_for_idle, warn_if_stale,
+from bench_common import (
+    check_fingerprint,
+    latency,
+    log,
+    machine_info,
+    md_table,
+    measured,
+    percentile,
+    results_stem,
+    source_fingerprint,
+    time_calls,
+    timed,
+    wait_for_idle,
+    write_results,
 )
+from speed_data import CL, build_model, synthetic_images
+from speed_shared import bench_shared
 
-from multichex.inference.onnx_runtime import OnnxModel, export_onnx  # noqa: E402
-from multichex.inference.quantize import quantize_onnx  # noqa: E402
+from multichex.inference.onnx_runtime import OnnxModel, export_onnx
+from multichex.inference.quantize import quantize_onnx
 
 TARGET_ONNX_RATIO = 1.8  # ONNX Runtime (int8 export) / eager PyTorch throughput, 256 px
 TARGET_SHARED_RATIO = 2.5
-
-
-def latency(times: list[float], images: int) -> dict:
-    return {"p50_ms": 1000 * percentile(times, 50), "p95_ms": 1000 * percentile(times, 95), "images_per_s": images / percentile(times, 50),
-            "calls": len(times)}
 
 
 def bench_runtimes(size: int, quick: bool, threads: int, gen: torch.Generator) -> dict:
@@ -69,10 +77,8 @@ def bench_runtimes(size: int, quick: bool, threads: int, gen: torch.Generator) -
             warmup, repeats = (2, 5) if quick else ((5, 60) if batch == 1 else (2, 12))
             for name, (runner, layout) in runners.items():
                 x = layout(images)
-                monitor = CpuMonitor()
-                monitor.start()
-                times = time_calls(lambda: runner.predict(x, use_gate=False), warmup, repeats)
-                result.setdefault(name, {})[f"batch{batch}"] = {**latency(times, batch), "foreign_cores": monitor.stop()}
+                run = measured(partial(time_calls, partial(runner.predict, x, use_gate=False), warmup, repeats))
+                result.setdefault(name, {})[f"batch{batch}"] = {**latency(run.result, batch), "foreign_cores": run.foreign_cores}
     for batch in ("batch1", "batch8"):
         base = result["eager"][batch]["images_per_s"]
         for name in result:
@@ -97,6 +103,7 @@ def bench_gate_saving(size: int, quick: bool, gen: torch.Generator) -> dict:
 
 
 def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -122,21 +129,18 @@ def bench_web_api(quick: bool, clients: int = 8) -> dict:
         thread.start()
         while not server.started:
             time.sleep(0.05)
-        image = sorted((bundled_sample_root() / "covid-chestxray" / "images").glob("*.png"))[0].read_bytes()
+        image = min((bundled_sample_root() / "covid-chestxray" / "images").glob("*.png")).read_bytes()
         total = 16 if quick else 96
         url = f"http://127.0.0.1:{port}/predict"
 
         def one(_: int) -> float:
-            started = time.perf_counter()
-            response = httpx.post(url, files={"file": ("x.png", image, "image/png")}, timeout=120)
+            response, seconds = timed(lambda: httpx.post(url, files={"file": ("x.png", image, "image/png")}, timeout=120))
             response.raise_for_status()
-            return time.perf_counter() - started
+            return seconds
 
         one(0)  # warm-up
-        started = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-            times = list(pool.map(one, range(total)))
-        wall = time.perf_counter() - started
+            times, wall = timed(lambda: list(pool.map(one, range(total))))
         server.should_exit = True
         thread.join(timeout=10)
     return {"clients": clients, "requests": total, "requests_per_s": total / wall, "p50_ms": 1000 * percentile(times, 50),
@@ -144,33 +148,38 @@ def bench_web_api(quick: bool, clients: int = 8) -> dict:
 
 
 def render(report: dict) -> str:
-    lines = [f"# Inference benchmark ({report['date']})", "", f"Machine: {report['machine']['cpu_model']}, {report['threads']} threads; "
-             f"code {report['code']}; idle check: {report['idle']}.", "",
-             "## 1. Runtimes (full 3-task prediction, gate off)", "",
-             "| size | runtime | batch 1 p50 ms | batch 1 p95 ms | batch 1 img/s | batch 8 img/s | vs eager (b1 / b8) |", "|---|---|---|---|---|---|---|"]
-    for size, runtimes in report["runtimes"].items():
-        for name, r in runtimes.items():
-            lines.append(f"| {size} | {name} | {r['batch1']['p50_ms']:.1f} | {r['batch1']['p95_ms']:.1f} | {r['batch1']['images_per_s']:.1f} | "
-                         f"{r['batch8']['images_per_s']:.1f} | {r['batch1']['vs_eager']:.2f}× / {r['batch8']['vs_eager']:.2f}× |")
-    shared = report["shared"]["batches"]
-    lines += ["", "## 2. One shared 3-task pass vs three single-task models (256 px, channels_last)", "",
-              "| batch | shared ms | separate ms | ratio |", "|---|---|---|---|"]
-    for batch, row in shared.items():
-        lines.append(f"| {batch} | {1000 * row['shared']['median_s']:.1f} | {1000 * row['separate']['median_s']:.1f} | {row['ratio']:.2f}× |")
-    lines += ["", "## 3. The gate's saving (batch 8, 256 px, seg + det gated)", "", "| gate-negative images | img/s | p50 ms | speed-up |", "|---|---|---|---|"]
-    for share, row in report["gate"].items():
-        lines.append(f"| {share} | {row['images_per_s']:.1f} | {row['p50_ms']:.1f} | {row['speed_up']:.2f}× |")
+    """``inference.md`` for an ``inference.json`` report."""
+    lines = [f"# Inference benchmark ({report['date']})", "", (f"Machine: {report['machine']['cpu_model']}, {report['threads']} threads; "
+             f"code {report['code']}; idle check: {report['idle']}."), "",
+             "## 1. Runtimes (full 3-task prediction, gate off)", ""]
+    lines += md_table(
+        ["size", "runtime", "batch 1 p50 ms", "batch 1 p95 ms", "batch 1 img/s", "batch 8 img/s", "vs eager (b1 / b8)"],
+        [[size, name, f"{r['batch1']['p50_ms']:.1f}", f"{r['batch1']['p95_ms']:.1f}", f"{r['batch1']['images_per_s']:.1f}",
+          f"{r['batch8']['images_per_s']:.1f}", f"{r['batch1']['vs_eager']:.2f}× / {r['batch8']['vs_eager']:.2f}×"]
+         for size, runtimes in report["runtimes"].items() for name, r in runtimes.items()],
+    )
+    lines += ["", "## 2. One shared 3-task pass vs three single-task models (256 px, channels_last)", ""]
+    lines += md_table(["batch", "shared ms", "separate ms", "ratio"], [
+        [batch, f"{1000 * row['shared']['median_s']:.1f}", f"{1000 * row['separate']['median_s']:.1f}", f"{row['ratio']:.2f}×"]
+        for batch, row in report["shared"]["batches"].items()
+    ])
+    lines += ["", "## 3. The gate's saving (batch 8, 256 px, seg + det gated)", ""]
+    lines += md_table(["gate-negative images", "img/s", "p50 ms", "speed-up"], [
+        [share, f"{row['images_per_s']:.1f}", f"{row['p50_ms']:.1f}", f"{row['speed_up']:.2f}×"] for share, row in report["gate"].items()
+    ])
     web = report.get("web")
     if web:
         lines += ["", f"## 4. Web API: {web['clients']} concurrent clients, {web['requests']} POST /predict (256 px model, 2 server workers)", "",
                   f"{web['requests_per_s']:.1f} requests/s; latency p50 {web['p50_ms']:.0f} ms, p95 {web['p95_ms']:.0f} ms.", ""]
-    lines += ["", "## Targets", "", "| target | measured | pass |", "|---|---|---|"]
-    for target in report["targets"]:
-        lines.append(f"| {target['name']} | {target['value']:.2f} | {'yes' if target['pass'] else 'NO'} |")
+    lines += ["", "## Targets", ""]
+    lines += md_table(["target", "measured", "pass"], [
+        [target["name"], f"{target['value']:.2f}", "yes" if target["pass"] else "NO"] for target in report["targets"]
+    ])
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run every section and write inference{,_quick}.{md,json}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
@@ -180,11 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-fingerprint", action="store_true",
                         help="only compare the committed inference.json's model + loss fingerprint with the code's; exit 1 if stale")
     args = parser.parse_args(argv)
-    stale = warn_if_stale(args.out / "inference.json")  # the committed full-run numbers
-    if args.check_fingerprint:
-        if not stale:
-            log(f"{args.out / 'inference.json'} matches the model + loss code ({source_fingerprint()})")
-        return int(stale)
+    code = check_fingerprint(args.out / "inference.json", args.check_fingerprint)  # the committed full-run numbers
+    if code is not None:
+        return code
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     idle = wait_for_idle(0 if args.quick else args.max_wait_idle)
@@ -209,11 +216,9 @@ def main(argv: list[str] | None = None) -> int:
          "pass": float_ratio >= TARGET_ONNX_RATIO},
         {"name": f"three separate models / shared pass, worst batch (≥ {TARGET_SHARED_RATIO})", "value": shared_ratio, "pass": shared_ratio >= TARGET_SHARED_RATIO},
     ]
-    name = "inference_quick" if args.quick else "inference"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2, default=float))
-    (args.out / f"{name}.md").write_text(render(report))
-    print(render(report))
+    markdown = render(report)
+    write_results(args.out, results_stem("inference", args.quick), report, markdown, default=float)
+    print(markdown)
     return 0
 
 

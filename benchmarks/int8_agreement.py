@@ -9,12 +9,15 @@ writes benchmarks/results/int8_agreement.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when loaded from elsewhere
+
 import torch
+from bench_common import md_table, source_fingerprint, timed, write_results
 
 from multichex.data.io import list_images
 from multichex.inference.onnx_runtime import OnnxModel
@@ -22,7 +25,14 @@ from multichex.inference.quantize import agreement, calibration_images, quantize
 from multichex.training.checkpoint import load_model
 
 
+def render(report: dict) -> str:
+    """``int8_agreement.md``: one row per measure."""
+    rows = [[key, f"{value:.4f}" if isinstance(value, float) else value] for key, value in report.items()]
+    return "\n".join(["# Int8 export vs PyTorch on held-out real X-rays", "", *md_table(["measure", "value"], rows)]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Quantize, compare on the held-out images and write int8_agreement.{md,json}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--images", type=Path, required=True)
@@ -35,18 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     calibration, _ = calibration_images(files[::2], model.config.image_size, 64)
     held_out, _ = calibration_images(files[1::2], model.config.image_size, 96)
     with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
-        quantize_onnx(model, Path(folder) / "model.onnx", calibration, method=args.method)
-        seconds = time.perf_counter() - started
+        _, seconds = timed(partial(quantize_onnx, model, Path(folder) / "model.onnx", calibration, method=args.method))
         measured = agreement(model, OnnxModel(Path(folder) / "model.onnx", threads=2), held_out)
     report = {"checkpoint": str(args.checkpoint), "image_folder": str(args.images), "method": args.method,
-              "calibration_images": len(calibration), "quantize_seconds": round(seconds, 1), **measured}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_agreement.json").write_text(json.dumps(report, indent=2))
-    lines = ["# Int8 export vs PyTorch on held-out real X-rays", "", "| measure | value |", "|---|---|"]
-    lines += [f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in report.items()]
-    (args.out / "int8_agreement.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+              "calibration_images": len(calibration), "quantize_seconds": round(seconds, 1), **measured,
+              "code": source_fingerprint()}
+    markdown = render(report)
+    write_results(args.out, "int8_agreement", report, markdown)
+    print(markdown, end="")
     return 0
 
 

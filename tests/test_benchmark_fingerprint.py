@@ -14,7 +14,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def bench_speed():
-    spec = importlib.util.spec_from_file_location("bench_speed_under_test", BENCHMARKS / "bench_speed.py")
+    """``benchmarks/bench_common.py``, where the fingerprint helpers of every benchmark script live."""
+    spec = importlib.util.spec_from_file_location("bench_common_under_test", BENCHMARKS / "bench_common.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -67,6 +68,19 @@ def test_warn_if_stale_prints_to_stderr(bench_speed, tmp_path: Path, capsys: pyt
     assert "WARNING" in capsys.readouterr().err
 
 
+def test_check_fingerprint_warns_and_gives_the_exit_code(bench_speed, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = _results(tmp_path / "speed.json", machine={"model_source_sha256_12": "0123456789ab"})
+    assert bench_speed.check_fingerprint(results, only_check=False) is None
+    assert "WARNING" in capsys.readouterr().err
+    assert bench_speed.check_fingerprint(results, only_check=True) == 1
+    assert "WARNING" in capsys.readouterr().err
+    _results(results, machine={"model_source_sha256_12": bench_speed.source_fingerprint()})
+    assert bench_speed.check_fingerprint(results, only_check=True) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_both_scripts_use_the_shared_helper() -> None:
     for script in ("bench_speed.py", "bench_inference.py"):
-        assert "warn_if_stale(" in (BENCHMARKS / script).read_text(), script
+        text = (BENCHMARKS / script).read_text()
+        assert "check_fingerprint(" in text and "from bench_common import" in text, script
+        assert "def source_fingerprint" not in text and "def stale_results_warning" not in text, script

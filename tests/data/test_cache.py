@@ -30,7 +30,7 @@ from multichex.data.cache import (
     read_index,
     read_split,
 )
-from multichex.data.cache_cli import data_app, parse_fractions
+from multichex.cli.data import data_app, parse_fractions
 from multichex.data.registry import read_source
 from multichex.data.sources import READERS, CXRDataset, SampleRef
 from multichex.data.transforms import AugmentConfig
@@ -326,7 +326,7 @@ def test_resume_after_sigkill_gives_identical_cache(tmp_path, cxr_factory):
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     prepare_cache("nih-cxr14-bbox", root, clean, SIZE, workers=1, progress=False)
 
-    command = [sys.executable, "-m", "multichex.data.cache_cli", "prepare", "nih-cxr14-bbox", str(root),
+    command = [sys.executable, "-m", "multichex.cli", "data", "prepare", "nih-cxr14-bbox", str(root),
                "--out", str(resumed), "--size", str(SIZE), "--workers", "2", "--no-progress"]
     env = {**os.environ, DELAY_ENV: "0.15"}
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

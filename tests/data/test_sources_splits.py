@@ -20,7 +20,7 @@ from multichex.data.sources import (
     bundled_sample_root,
     read_covid_chestxray,
     read_hannover,
-    read_nih,
+    read_shared_nih,
 )
 from multichex.data.splits import patient_split
 from multichex.data.transforms import AugmentConfig
@@ -189,7 +189,7 @@ def test_blank_finding_leaves_no_finding_unknown(tmp_path, cxr_factory):
 
 def test_generated_nih_folder_boxes_match_squares(tmp_path, cxr_factory):
     root = cxr_factory.nih(tmp_path / "nih", n_patients=4, per_patient=2, seed=9)
-    refs = read_nih(root, "nih-cxr14-bbox")
+    refs = read_shared_nih(root, "nih-cxr14-bbox")
     assert len(refs) == 8 and len({r.patient_id for r in refs}) == 4
     positives = [r for r in refs if r.findings["Mass"] == 1.0]
     negatives = [r for r in refs if r.findings["Mass"] == 0.0]
@@ -351,7 +351,7 @@ def test_patient_split_single_part_and_defaults():
 
 def test_alternating_batches_take_turns(covid_root, nih_root):
     covid = dataset(read_covid_chestxray(covid_root)[:10])
-    nih = dataset(read_nih(nih_root)[:7])
+    nih = dataset(read_shared_nih(nih_root)[:7])
     schedule = AlternatingBatches({"covid": covid, "nih": nih}, batch_size=4, seed=0)
     assert schedule.default_steps() == 2 * 3
     steps = list(schedule.epoch(0, steps=7))
@@ -373,7 +373,7 @@ def test_alternating_batches_take_turns(covid_root, nih_root):
 
 def test_joint_batches_mix_sources(covid_root, nih_root):
     covid = dataset(read_covid_chestxray(covid_root)[:12])
-    nih = dataset(read_nih(nih_root)[:12])
+    nih = dataset(read_shared_nih(nih_root)[:12])
     schedule = JointBatches({"covid": covid, "nih": nih}, batch_size=6, seed=0)
     assert schedule.default_steps() == 4
     steps = list(schedule.epoch(0, steps=5))

@@ -48,7 +48,7 @@ SHIFTED = (1, 4, 2, 5)  # the same square one column to the right
 def test_identical_masks_score_perfectly() -> None:
     masks = _masks(SQUARE, (2, 7, 0, 3))
     scores = segmentation_scores(masks, masks.clone())
-    assert set(scores) == {"dice", "jaccard", "avg_hausdorff", "ssim"}
+    assert set(scores) == {"dice", "jaccard", "avg_hausdorff", "hd95", "ssim"}
     for key, value in {"dice": 1.0, "jaccard": 1.0, "avg_hausdorff": 0.0, "ssim": 1.0}.items():
         assert scores[key].shape == (2,)
         assert scores[key].tolist() == pytest.approx([value, value]), key

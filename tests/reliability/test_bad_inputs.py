@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
+import logging
 import re
 import sys
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,6 +72,31 @@ def bounded(fn: Callable[[], Any], timeout: float = 30.0) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+@contextmanager
+def console_log(level: int) -> Iterator[io.StringIO]:
+    """What a terminal shows at ``level``: a plain handler on the root logger, as ``multichex`` sets up."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+@pytest.fixture(autouse=True)
+def no_traceback_at_default_level() -> Iterator[None]:
+    """Every bad input of this run shows, at the default level (INFO), our one-line reason and no traceback."""
+    with console_log(logging.INFO) as stream:
+        yield
+    assert "Traceback" not in stream.getvalue(), stream.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +215,16 @@ def test_predict_files_skips_bad_images(corpus, predictor, tmp_path):
     good = root / "good.png"
     paths = [good] + [c.path for c in images]
     out = tmp_path / "predict"
-    records, errors = bounded(lambda: predict_files(predictor, paths, out, batch_size=4, progress=False), 60)
+    with console_log(logging.INFO) as console:
+        records, errors = bounded(lambda: predict_files(predictor, paths, out, batch_size=4, progress=False), 60)
 
     ok_paths = {str(good)} | {str(c.path) for c in images if c.expected == "ok"}
     bad_paths = {str(c.path) for c in images if c.expected != "ok"}
+    shown = console.getvalue()
+    assert "Traceback" not in shown, shown  # decoder plugins' own tracebacks are DEBUG only
+    for path in bad_paths:  # one line of ours per bad file, nothing else about it
+        assert [line.split(": ", 1)[0] for line in shown.splitlines() if path in line] == [
+            "WARNING multichex.inference.predictor"], (path, shown)
     assert {r["image"] for r in records} == ok_paths
     for path in ok_paths:
         stem = Path(path).stem

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -251,3 +252,44 @@ def test_heatmaps_get_urls_when_present(client, xray, fake_heatmaps):
     url = body["urls"]["heatmaps"]["Mass"]
     assert url == f"/results/{body['result_id']}/{body['heatmaps']['Mass']}"
     assert client.get(url).content.startswith(PNG_MAGIC)
+
+
+def test_overlay_caption_shows_the_client_file_name_not_the_upload_uuid(client, xray, monkeypatch):
+    """The caption drawn on the overlay and the result's ``image`` are the client's own file name."""
+    from multichex.inference import predictor as predictor_module
+
+    titles: list[str] = []
+    real_render = predictor_module.render_overlay
+
+    def spy(*args, **kwargs):
+        titles.append(kwargs.get("title"))
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "render_overlay", spy)
+    name = "<b>chest & 1>.png"
+    response = post(client, name, xray.read_bytes(), "image/png")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    upload_stem = body["overlay"].removesuffix("_overlay.png")  # the server's uuid name of the upload
+    assert len(upload_stem) == 32 and upload_stem != body["result_id"]
+    assert titles == [name]
+    assert body["image"] == name  # raw in JSON; the page inserts it as text, so the browser escapes it
+    stored = client.get(f"/results/{body['result_id']}/{upload_stem}.json").json()
+    assert stored["image"] == name
+    assert upload_stem not in json.dumps({k: v for k, v in body.items() if k not in {"overlay", "mask", "heatmaps", "urls"}})
+
+
+@pytest.mark.parametrize("client_name, caption", [
+    ("x.png", "x.png"),
+    ("<b>chest & 1>.png", "<b>chest & 1>.png"),
+    ("../../escape.png", "escape.png"),
+    ("C:\\fakepath\\scan.dcm", "scan.dcm"),
+    ("two\nlines\u202e.png", "two?lines?.png"),
+    ("..", ""),
+    ("", ""),
+    ("a" * 300, "a" * 79 + "…"),
+])
+def test_caption_is_one_plain_line(client_name, caption):
+    from multichex.serve.uploads import caption_for
+
+    assert caption_for(client_name) == caption

@@ -135,3 +135,21 @@ def test_heatmap_toggle_switches_the_image(server_url, driver, xray, fake_heatma
         "const img = document.getElementById('overlay'); return img.complete && img.naturalWidth > 0;"))
     toggle.click()
     assert image.get_attribute("src").endswith("_overlay.png")
+
+
+def test_page_shows_the_client_file_name_as_escaped_text(server_url, driver, xray, tmp_path):
+    """A file name with markup is shown literally (HTML-escaped), never as the server's uuid upload name."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    name = "<b>chest & 1>.png"
+    upload = tmp_path / name
+    upload.write_bytes(xray.read_bytes())
+    driver.get(server_url + "/")
+    driver.find_element(By.ID, "file-input").send_keys(str(upload))
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "status").text in {"done", "error"})
+    assert driver.find_element(By.ID, "status").text == "done", driver.find_element(By.ID, "error").text
+    caption = driver.find_element(By.ID, "image-name")
+    assert caption.text == name
+    assert caption.get_attribute("innerHTML") == "&lt;b&gt;chest &amp; 1&gt;.png"
+    assert not caption.find_elements(By.TAG_NAME, "b")

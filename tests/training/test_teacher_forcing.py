@@ -145,7 +145,7 @@ def test_teacher_forced_segmentation_trains_with_the_few_label_objectives(tmp_pa
 def test_a_training_classifier_gate_decides_as_in_eval_mode(tmp_path, monkeypatch):
     """gate.source = classifier with the classifier training: the gate's decision is taken without dropout
     (as at inference), the heads go back to train mode, and nothing of the decision pass is learnt."""
-    import multichex.training.loop as loop
+    import multichex.training.steps.forced as loop
 
     model = ModelConfig(encoder="lite-small", image_size=64, class_names=["Mass", "COVID-19", "No Finding"], box_classes=["Mass"],
                         anchors=[[0.2, 0.2]], cls_hidden=32, gate=GateConfig(source="classifier", classes=["Mass"]))

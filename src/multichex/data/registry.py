@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from multichex.data.native import native_reader, native_readers
-from multichex.data.sources import READERS, SampleRef, bundled_sample_root
+from multichex.data.ref import SampleRef
+from multichex.data.sources import READERS, bundled_sample_root
 
 
 def all_readers() -> dict[str, Callable[[Path], list[SampleRef]]]:

@@ -8,12 +8,13 @@ torchmetrics' ``BootStrapper`` nor MONAI resamples by group (both resample indiv
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from multichex.numbers import finite_or_none
 
 __all__ = ["DEFAULT_BOOTSTRAP", "bootstrap_ci", "bootstrap_statistic", "bootstrap_statistics"]
 
@@ -39,14 +40,6 @@ def _draw_counts(n_groups: int, n_resamples: int, seed: int) -> np.ndarray:
     return np.bincount((draws + offsets).ravel(), minlength=n_resamples * n_groups).reshape(n_resamples, n_groups)
 
 
-def _finite_or_none(x: Any) -> float | None:
-    """Python float, or ``None`` for None/NaN/inf."""
-    if x is None:
-        return None
-    value = float(x)
-    return value if math.isfinite(value) else None
-
-
 def _summarise(value: Any, stats: np.ndarray, n_groups: int, n_resamples: int, confidence: float) -> dict[str, Any]:
     """Percentile interval over the finite resampled statistics."""
     valid = stats[np.isfinite(stats)]
@@ -55,7 +48,7 @@ def _summarise(value: Any, stats: np.ndarray, n_groups: int, n_resamples: int, c
     if valid.size:
         low, high = (float(q) for q in np.quantile(valid, [alpha, 1.0 - alpha]))
     return {
-        "value": _finite_or_none(value),
+        "value": finite_or_none(value),
         "low": low,
         "high": high,
         "n_groups": int(n_groups),

@@ -8,18 +8,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from multichex.data.record import collate_samples
 from multichex.data.sources import CXRDataset
 from multichex.evaluation.bootstrap import DEFAULT_BOOTSTRAP, bootstrap_ci, bootstrap_statistic, bootstrap_statistics
 from multichex.evaluation.metrics import (
-    classification_metrics, detection_map, dice_per_image, jaccard_per_image, macro_class_sets, segmentation_scores,
+    ClassificationMetric,
+    DetectionMetric,
+    SegmentationMetric,
+    classification_metrics,
+    detection_map,
+    macro_bootstrap,
 )
+from multichex.evaluation.metrics.gather import Gather, all_gather_objects, rank_and_world
+from multichex.evaluation.metrics.segmentation import SCORE_KEYS
+from multichex.models.config import ModelConfig
 from multichex.models.decision import at_or_above
 from multichex.models.multichexnet import MultiCheXNet
 
-SEGMENTATION_KEYS = ("dice", "jaccard", "avg_hausdorff", "ssim")  # per-image lists of Collected, keys of metrics["segmentation"]
+SEGMENTATION_KEYS = SCORE_KEYS  # ("dice", "jaccard", "avg_hausdorff", "hd95", "ssim"): per-image lists of Collected, keys of metrics["segmentation"]
 
 
 @dataclass
@@ -34,6 +42,7 @@ class Collected:
     dice: list[float] = field(default_factory=list)
     jaccard: list[float] = field(default_factory=list)
     avg_hausdorff: list[float] = field(default_factory=list)  # pixels; NaN when exactly one mask is empty
+    hd95: list[float] = field(default_factory=list)  # pixels; NaN when exactly one mask is empty
     ssim: list[float] = field(default_factory=list)
     dice_patients: list[str] = field(default_factory=list)  # patient of each entry of dice/jaccard/avg_hausdorff/ssim
     det: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("boxes", "scores", "labels", "gt_boxes", "gt_labels", "patients", "gate_passed")})
@@ -50,55 +59,95 @@ class Collected:
         return merged
 
 
+@dataclass
+class PassMetrics:
+    """The cumulative metrics one evaluation pass over a data set fills, one per head."""
+
+    classification: ClassificationMetric
+    gate: ClassificationMetric
+    segmentation: SegmentationMetric
+    detection: DetectionMetric
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, surface_metrics: bool = True) -> "PassMetrics":
+        thresholds = config.class_thresholds if config.class_thresholds is not None else 0.5
+        return cls(
+            ClassificationMetric(config.class_names, thresholds, extended=True),
+            ClassificationMetric(["positive"], config.gate.threshold),
+            SegmentationMetric(surface=surface_metrics),
+            DetectionMetric(config.box_classes),
+        )
+
+    def reset(self) -> None:
+        for metric in (self.classification, self.gate, self.segmentation, self.detection):
+            metric.reset()
+
+    def collected(self, distributed: bool = False, gather: Gather = all_gather_objects) -> Collected:
+        """The buffers as a :class:`Collected` (every rank's, in rank order, with ``distributed``)."""
+        cls, gate = self.classification.buffers(distributed, gather), self.gate.buffers(distributed, gather)
+        seg, det = self.segmentation.buffers(distributed, gather), self.detection.buffers(distributed, gather)
+        out = Collected(patients=cls["patients"], dice_patients=seg["patients"], det=det)
+        if cls["probs"]:
+            probs, labels = self.classification.stacked(cls)
+            out.probs, out.labels = [probs], [labels]
+        gate_probs, gate_labels = self.gate.stacked(gate)
+        out.gate_probs, out.gate_labels = gate_probs[:, 0].tolist(), gate_labels[:, 0].tolist()
+        for key in self.segmentation.fields:
+            setattr(out, key, seg[key])
+        return out
+
+
+def _shard(dataset: CXRDataset, rank: int, world: int) -> Dataset:
+    """Rank ``rank``'s contiguous share of ``dataset`` (the shards in rank order are the whole, in order)."""
+    n = len(dataset)
+    return dataset if world == 1 else Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
+
+
+def feed(model: MultiCheXNet, dataset: Dataset, metrics: PassMetrics, batch_size: int = 16, seg_threshold: float = 0.5) -> None:
+    """One ungated pass of every head over ``dataset``, batch by batch into ``metrics`` (model in eval mode)."""
+    size = model.config.image_size
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
+        if batch is None:
+            continue
+        patients = [m["patient_id"] for m in batch.meta]
+        tasks = ["cls", "gate"] + (["seg"] if batch.has_mask.any() else []) + (["det"] if batch.has_boxes.any() else [])
+        outputs = model(batch.images, tasks)
+        metrics.classification(model.class_probabilities(outputs["cls"]), batch.labels, patients)
+        gate_probs = model.gate_probability(outputs)
+        metrics.gate(gate_probs, batch.positive, patients)
+        if "seg" in outputs:
+            has = batch.has_mask
+            predicted = at_or_above(torch.sigmoid(outputs["seg"][has]), seg_threshold).float()
+            metrics.segmentation(predicted, batch.masks[has], [p for p, h in zip(patients, has.tolist()) if h])
+        if "det" in outputs:
+            keep = torch.nonzero(batch.has_boxes).flatten().tolist()
+            decoded = model.det.postprocess(outputs["det"][keep], size, score_threshold=0.05, max_detections=50)
+            metrics.detection(
+                decoded, [(batch.boxes[slot], batch.box_labels[slot]) for slot in keep], [patients[slot] for slot in keep],
+                gate_passed=[bool(at_or_above(gate_probs[slot], model.config.gate.threshold)) for slot in keep],
+            )
+
+
 @torch.inference_mode()
 def collect(model: MultiCheXNet, datasets: dict[str, CXRDataset], batch_size: int = 16, seg_threshold: float = 0.5,
-            surface_metrics: bool = True) -> Collected:
+            surface_metrics: bool = True, distributed: bool = False) -> Collected:
     """One ungated pass of every head over every image (head quality is measured without the gate).
 
     ``surface_metrics=False`` skips the average Hausdorff distance and SSIM (Dice and Jaccard only): the
     distance transforms cost more than the forward pass on small validation sets, epoch after epoch.
+    ``distributed``: under ``torchrun``, every rank (each must call this) scores a contiguous share of each
+    data set and gets every rank's images back, in the single-process order.
     """
     was_training = model.training
     model.eval()
-    out = Collected()
-    size = model.config.image_size
+    rank, world = rank_and_world() if distributed else (0, 1)
+    parts = []
     for dataset in datasets.values():
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
-            if batch is None:
-                continue
-            patients = [m["patient_id"] for m in batch.meta]
-            tasks = ["cls", "gate"] + (["seg"] if batch.has_mask.any() else []) + (["det"] if batch.has_boxes.any() else [])
-            outputs = model(batch.images, tasks)
-            out.patients += patients
-            out.probs.append(model.class_probabilities(outputs["cls"]))
-            out.labels.append(batch.labels)
-            gate_probs = model.gate_probability(outputs)
-            out.gate_probs += gate_probs.tolist()
-            out.gate_labels += batch.positive.tolist()
-            if "seg" in outputs:
-                has = batch.has_mask
-                predicted = at_or_above(torch.sigmoid(outputs["seg"][has]), seg_threshold).float()
-                if surface_metrics:
-                    scores = segmentation_scores(predicted, batch.masks[has])
-                else:
-                    dice = dice_per_image(predicted, batch.masks[has])
-                    scores = {"dice": dice, "jaccard": jaccard_per_image(predicted, batch.masks[has], dice=dice)}
-                for key, values in scores.items():
-                    getattr(out, key).extend(values.tolist())
-                out.dice_patients += [p for p, h in zip(patients, has.tolist()) if h]
-            if "det" in outputs:
-                keep = torch.nonzero(batch.has_boxes).flatten().tolist()
-                decoded = model.det.postprocess(outputs["det"][keep], size, score_threshold=0.05, max_detections=50)
-                for slot, found in zip(keep, decoded):
-                    out.det["boxes"].append(found.boxes)
-                    out.det["scores"].append(found.scores)
-                    out.det["labels"].append(found.labels)
-                    out.det["gt_boxes"].append(batch.boxes[slot])
-                    out.det["gt_labels"].append(batch.box_labels[slot])
-                    out.det["patients"].append(patients[slot])
-                    out.det["gate_passed"].append(bool(at_or_above(gate_probs[slot], model.config.gate.threshold)))
+        metrics = PassMetrics.for_model(model.config, surface_metrics)
+        feed(model, _shard(dataset, rank, world), metrics, batch_size, seg_threshold)
+        parts.append(metrics.collected(distributed))
     model.train(was_training)
-    return out
+    return Collected.merge(parts)
 
 
 def _interval(value_dict: dict[str, Any]) -> dict[str, Any]:
@@ -125,14 +174,33 @@ def macro_classification_intervals(
     are not stratified: a patient's images carry several labels at once, so no stratification keeps
     every class defined while resampling whole patients.
     """
-    full = classification_metrics(probs, labels, class_names, thresholds, extended=True)
-    fixed = macro_class_sets(full)
-    both = bootstrap_statistics(
-        patients,
-        lambda idx: classification_metrics(probs[idx], labels[idx], class_names, thresholds, extended=True, macro_classes=fixed)["macro"],
-        n_resamples=n_resamples, seed=seed,
-    )
+    both = macro_bootstrap(probs, labels, class_names, thresholds, patients, n_resamples=n_resamples, seed=seed)
     return {f"macro_{k}": _interval(v) for k, v in both.items()}
+
+
+def class_auroc_intervals(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str], patients: Sequence[str],
+                          n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Patient-bootstrap CI of each class's AUROC (classes whose known labels hold both values): name → interval.
+
+    A resample where a class's known labels hold one value only is skipped for that class (``n_skipped``).
+    """
+    from torchmetrics.functional.classification import binary_auroc
+
+    known = ~torch.isnan(labels)
+    defined = [c for c in range(len(class_names)) if labels[known[:, c], c].unique().numel() == 2]
+
+    def compute(idx: np.ndarray) -> dict[str, float | None]:
+        rows_all = torch.as_tensor(idx)
+        values: dict[str, float | None] = {}
+        for c in defined:
+            rows = rows_all[known[rows_all, c]]
+            y = labels[rows, c]
+            values[class_names[c]] = float(binary_auroc(probs[rows, c], y.long())) if y.unique().numel() == 2 else None
+        return values
+
+    if not defined:
+        return {}
+    return {name: _interval(v) for name, v in bootstrap_statistics(list(patients), compute, n_resamples, seed=seed).items()}
 
 
 def summarize(
@@ -144,7 +212,8 @@ def summarize(
 
     Accuracy, F1, precision, recall and F1-N use ``class_thresholds`` (chosen on validation; 0.5 when
     None) and the gate's threshold, each with ``p >= t`` as positive. Every macro classification metric
-    gets a ``macro_<name>`` interval (see :func:`macro_classification_intervals`); ``segmentation`` has a
+    gets a ``macro_<name>`` interval (see :func:`macro_classification_intervals`) and each class's AUROC one
+    (``auroc_intervals``, :func:`class_auroc_intervals`); ``segmentation`` has a
     ``{"value", "low", "high", ...}`` entry per key of ``SEGMENTATION_KEYS`` (mean over images; NaN
     values, i.e. an undefined average Hausdorff distance, are left out). ``detection`` reports the gated
     pipeline's mAP (``map_gated``) only when ``"det"`` is in ``gated_heads`` (the model's
@@ -159,6 +228,8 @@ def summarize(
         if bootstrap and any(v is not None for v in cls["macro"].values()):
             intervals = macro_classification_intervals(probs, labels, class_names, thresholds, out.patients, bootstrap, seed)
         metrics["classification"] = {"per_class": cls["per_class"], "macro": cls["macro"], **intervals, "n_images": len(probs)}
+        if bootstrap:
+            metrics["classification"]["auroc_intervals"] = class_auroc_intervals(probs, labels, class_names, out.patients, bootstrap, seed)
         gate_probs, gate_labels = torch.tensor(out.gate_probs), torch.tensor(out.gate_labels)
         def gate_metrics(idx: np.ndarray) -> dict[str, Any]:
             return classification_metrics(gate_probs[idx, None], gate_labels[idx, None], ["positive"], gate_threshold)["per_class"]["positive"]
@@ -190,15 +261,10 @@ def _detection_summary(det: dict[str, list], box_classes: list[str], bootstrap: 
     """mAP@0.5 of the ungated detector (head quality) and, when the gate guards detection (``gated``), of
     the gated pipeline, where images the gate rejects keep no boxes (what a user gets; the gate's misses and
     false passes both count). Both intervals use ``bootstrap`` resamples, like every other head."""
-    empty = torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    gated_det = {
-        "boxes": [b if passed else empty[0] for b, passed in zip(det["boxes"], det["gate_passed"])],
-        "scores": [s if passed else empty[1] for s, passed in zip(det["scores"], det["gate_passed"])],
-        "labels": [lab if passed else empty[2] for lab, passed in zip(det["labels"], det["gate_passed"])],
-    }
+    gated_det = DetectionMetric.gated(det)
 
     def compute(source: dict[str, list], idx: np.ndarray) -> float | None:
-        pick = lambda data, key: [data[key][i] for i in idx]  # noqa: E731
+        pick = lambda data, key: [data[key][i] for i in idx]
         return detection_map(pick(source, "boxes"), pick(source, "scores"), pick(source, "labels"),
                              pick(det, "gt_boxes"), pick(det, "gt_labels"), box_classes)["map"]
 
@@ -220,15 +286,17 @@ def evaluate_datasets(
     model: MultiCheXNet, datasets: dict[str, CXRDataset], bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, batch_size: int = 16,
     per_source: bool = False,
     surface_metrics: bool = True,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Collect and summarise in one call; with ``per_source``, also each data set alone under ``"per_source"``
-    (``surface_metrics``: see :func:`collect`)."""
+    (``surface_metrics``, ``distributed``: see :func:`collect`; with ``distributed`` every rank gets the metrics)."""
     config = model.config
     names = config.class_names, config.box_classes
     points = {"class_thresholds": config.class_thresholds, "gate_threshold": config.gate.threshold, "gated_heads": config.gate.gated_heads}
     if not per_source:
-        return summarize(collect(model, datasets, batch_size, surface_metrics=surface_metrics), *names, bootstrap, seed, **points)
-    parts = {key: collect(model, {key: dataset}, batch_size, surface_metrics=surface_metrics) for key, dataset in datasets.items()}
+        collected = collect(model, datasets, batch_size, surface_metrics=surface_metrics, distributed=distributed)
+        return summarize(collected, *names, bootstrap, seed, **points)
+    parts = {key: collect(model, {key: dataset}, batch_size, surface_metrics=surface_metrics, distributed=distributed) for key, dataset in datasets.items()}
     metrics = summarize(Collected.merge(list(parts.values())), *names, bootstrap, seed, **points)
     metrics["per_source"] = {key: summarize(part, *names, bootstrap, seed, **points) for key, part in parts.items()}
     return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import yaml
 
 from multichex.evaluation.overlay import DISCLAIMER
+from multichex.numbers import finite_or_none
 
 __all__ = ["write_markdown_report", "format_value"]
 
@@ -20,13 +20,12 @@ _CI_KEYS = ("value", "low", "high")
 
 def _number(x: Any) -> float | None:
     """A finite float, or ``None`` for None/NaN/inf/non-numbers."""
-    if x is None or isinstance(x, bool):
+    if isinstance(x, bool):
         return None
     try:
-        value = float(x.item() if hasattr(x, "item") else x)
+        return finite_or_none(x.item() if hasattr(x, "item") else x)
     except (TypeError, ValueError):
         return None
-    return value if math.isfinite(value) else None
 
 
 def format_value(x: Any) -> str:

@@ -99,9 +99,9 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 class OnnxModel:
     """ONNX Runtime twin of :class:`MultiCheXNet` for inference: same ``config`` and ``predict`` contract."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+    runtime = "onnx"
 
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
         paths = onnx_paths(path)
         if not paths["meta"].is_file():
             raise FileNotFoundError(f"{paths['meta']}: the export's JSON sidecar is missing (export with `multichex export`)")
@@ -110,6 +110,20 @@ class OnnxModel:
             raise ValueError(f"{paths['meta']}: not a multichex ONNX export (format {meta.get('format')!r})")
         self.config = ModelConfig.from_dict(meta["model"])
         self.precision = meta.get("precision", "float32")
+        self.sessions = {}
+        for name in ("encoder", "seg", "det"):
+            graph = paths[name].parent / meta["graphs"][name]
+            if not graph.is_file():
+                raise FileNotFoundError(f"{graph}: graph {name!r} of the export is missing")
+            self.sessions[name] = self._session(graph, threads)
+        # Box decoding needs the detector's anchors and stride only; its weights are never used here.
+        self.detector = CheXDet(tuple(meta["encoder_channels"]), len(self.config.box_classes),
+                                [tuple(a) for a in self.config.anchors], self.config.image_size, self.config.det_stride)
+
+    def _session(self, graph: Path, threads: int | None) -> Any:
+        """An ONNX Runtime session on the CPU (``run(None, feeds)``, ``get_inputs()``)."""
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -117,15 +131,7 @@ class OnnxModel:
         # ORT's worker threads otherwise spin-wait after each run, taking the cores from the PyTorch code
         # (decoding, NMS) that runs next: on 2 cores that made whole predictions 3× slower.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.sessions = {}
-        for name in ("encoder", "seg", "det"):
-            graph = paths[name].parent / meta["graphs"][name]
-            if not graph.is_file():
-                raise FileNotFoundError(f"{graph}: graph {name!r} of the export is missing")
-            self.sessions[name] = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        # Box decoding needs the detector's anchors and stride only; its weights are never used here.
-        self.detector = CheXDet(tuple(meta["encoder_channels"]), len(self.config.box_classes),
-                                [tuple(a) for a in self.config.anchors], self.config.image_size, self.config.det_stride)
+        return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def eval(self) -> "OnnxModel":
         return self
@@ -150,17 +156,3 @@ class OnnxModel:
         return assemble_prediction(self.config, first, gate_probability(self.config, first),
                                    lambda head, index: self.run_head(head, features, index), self.detector,
                                    use_gate, score_threshold, iou_threshold)
-
-
-def load_inference_model(path: str | Path, runtime: str = "torch", threads: int | None = None) -> Any:
-    """A checkpoint (``.safetensors``) for PyTorch, or an export (``.onnx``) for ONNX Runtime."""
-    from multichex.training.checkpoint import load_model
-
-    if runtime == "onnx":
-        if Path(path).suffix != ".onnx":
-            raise ValueError(f"{path}: --runtime onnx needs an exported model.onnx (run `multichex export` first)")
-        return OnnxModel(path, threads)
-    if runtime != "torch":
-        raise ValueError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
-    model, _ = load_model(path)
-    return model

@@ -27,17 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from multichex import CLINICAL_DISCLAIMER
 from multichex.data.io import ImageReadError, LoadedImage, read_image, to_uint8
 from multichex.data.transforms import Letterbox, normalize_intensity
 from multichex.evaluation.overlay import render_overlay
 from multichex.models.decision import at_or_above
+from multichex.progress import progress_bar
 from multichex.fileio import atomic_write_bytes, atomic_write_text
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.inference.explain import GradCamExplainer, heatmap_overlay
-from multichex.inference.onnx_runtime import OnnxModel, load_inference_model
+from multichex.inference.onnx_runtime import OnnxModel
+from multichex.inference.runtimes import load_inference_model
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,13 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, runtime: str = "torch", threads: int | None = None, **kwargs: Any) -> "Predictor":
         """A ``.safetensors`` checkpoint (PyTorch) or, with ``runtime="onnx"``, a ``multichex export`` model.onnx."""
         return cls(load_inference_model(path, runtime, threads), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name: str | None = None, **kwargs: Any) -> "Predictor":
+        """A registered model by name (``multichex models list``; ``None``: the default model) or a checkpoint path."""
+        from multichex.models.pretrained import resolve_checkpoint
+
+        return cls.from_checkpoint(resolve_checkpoint(name), **kwargs)
 
     @property
     def size(self) -> int:
@@ -232,7 +240,7 @@ def predict_files(
                 records[index] = record
     todo = [i for i in range(len(inputs)) if i not in records]
     errors: list[tuple[str, str]] = []
-    bar = tqdm(total=len(inputs), initial=len(records), disable=not progress, desc="predict", unit="img")
+    bar = progress_bar(total=len(inputs), initial=len(records), enabled=progress, desc="predict", unit="img")
     for start in range(0, len(todo), batch_size):
         prepared, slots = [], []
         for index in todo[start : start + batch_size]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from monai.data.box_utils import box_pair_giou
 
+from multichex.models.heads.box_coder import BoxCoder
 from multichex.models.heads.detection import CheXDet
 
 
@@ -21,21 +24,45 @@ class DetectionLoss:
     One anchor holds at most one target. When boxes of an image compete for an anchor (same cell,
     same best shape) the box that matches it best keeps it and the others fall back to their
     next-best free anchor of that cell (no target at all when none is free); see :meth:`assign`.
+
+    The loss sees the detector's geometry, not the detector: ``anchors`` (``K×2`` widths and heights in
+    input pixels), ``num_classes`` box classes and the :class:`BoxCoder` that the head decodes with (its
+    grid stride included); :meth:`for_head` takes all three from a :class:`CheXDet`. Passing the head
+    itself as ``anchors`` (the signature of earlier versions) does the same.
     """
 
-    def __init__(self, head: CheXDet, obj_pos_weight: float = 10.0, giou_weight: float = 0.0, box_weight: float = 1.0) -> None:
-        self.head = head
+    def __init__(self, anchors: torch.Tensor | CheXDet, num_classes: int | None = None, coder: BoxCoder | None = None, *,
+                 obj_pos_weight: float = 10.0, giou_weight: float = 0.0, box_weight: float = 1.0) -> None:
+        if isinstance(anchors, CheXDet):
+            anchors, num_classes, coder = anchors.anchors, anchors.num_classes, anchors.box_coder
+        if num_classes is None or coder is None:
+            raise TypeError("DetectionLoss needs anchors, num_classes and a BoxCoder (or a CheXDet head)")
+        self.anchors = anchors
+        self.num_classes = num_classes
+        self.coder = coder
         self.obj_pos_weight = obj_pos_weight
         self.giou_weight = giou_weight
         self.box_weight = box_weight
 
-    def _cell(self, box: torch.Tensor, height: int, width: int) -> tuple[int, int]:
-        """``(row, col)`` of the grid cell holding the box centre (clamped to the grid)."""
-        stride = self.head.stride
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        col = int(min(max(cx.item() // stride, 0), width - 1))
-        row = int(min(max(cy.item() // stride, 0), height - 1))
-        return row, col
+    @classmethod
+    def for_head(cls, head: CheXDet, **weights: Any) -> "DetectionLoss":
+        """The loss of ``head``: its anchors, box classes and box coder (``weights``: the loss weights)."""
+        return cls(head.anchors, head.num_classes, head.box_coder, **weights)
+
+    @property
+    def stride(self) -> int:
+        """The grid's stride in input pixels."""
+        return self.coder.stride
+
+    @property
+    def num_anchors(self) -> int:
+        return self.anchors.shape[0]
+
+    @property
+    def head(self) -> "DetectionLoss":
+        """The detector geometry this loss reads (``stride``, ``anchors``, ``num_anchors``, ``num_classes``), for
+        code written when the loss held the head: those attributes now live on the loss itself."""
+        return self
 
     def assign(self, image_boxes: torch.Tensor, image_labels: torch.Tensor, anchors: torch.Tensor,
                height: int, width: int) -> list[tuple[int, int, int, int]]:
@@ -47,10 +74,10 @@ class DetectionLoss:
         IoUs are broken by the box centre's distance to the cell centre, then by the box coordinates
         and label, so the result does not depend on the order of the boxes. Returned in anchor order.
         """
-        stride = self.head.stride
+        stride = self.stride
         candidates = []
         for i, (box, label) in enumerate(zip(image_boxes, image_labels)):
-            row, col = self._cell(box, height, width)
+            row, col = self.coder.cell(box, height, width)
             w, h = (box[2] - box[0]).clamp(min=1.0), (box[3] - box[1]).clamp(min=1.0)
             cx, cy = float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2
             distance = (cx / stride - col - 0.5) ** 2 + (cy / stride - row - 0.5) ** 2
@@ -72,22 +99,23 @@ class DetectionLoss:
     def build_targets(self, raw: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor]):
         """Objectness target ``B×K×H×W``, and for assigned anchors their index, box params and class."""
         batch, num_anchors, height, width, _ = raw.shape
-        stride = self.head.stride
-        anchors = self.head.anchors.to(raw.device)
+        anchors = self.anchors.to(raw.device)
         objectness = torch.zeros(batch, num_anchors, height, width, device=raw.device)
         index, params, classes, gt_boxes = [], [], [], []
         for b, (image_boxes, image_labels) in enumerate(zip(boxes, labels)):
-            for i, k, row, col in self.assign(image_boxes, image_labels, anchors, height, width):
-                box, label = image_boxes[i], image_labels[i]
-                w, h = (box[2] - box[0]).clamp(min=1.0), (box[3] - box[1]).clamp(min=1.0)
-                cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            assigned = self.assign(image_boxes, image_labels, anchors, height, width)
+            if not assigned:
+                continue
+            chosen, ks, rows, cols = zip(*assigned)
+            for i, k, row, col in assigned:
                 objectness[b, k, row, col] = 1.0
                 index.append((b, k, row, col))
-                offset_x = (cx / stride - col).clamp(1e-3, 1 - 1e-3)
-                offset_y = (cy / stride - row).clamp(1e-3, 1 - 1e-3)
-                params.append(torch.stack([offset_x, offset_y, torch.log(w / anchors[k, 0]), torch.log(h / anchors[k, 1])]))
-                classes.append(int(label))
-                gt_boxes.append(box)
+                classes.append(int(image_labels[i]))
+                gt_boxes.append(image_boxes[i])
+            where = image_boxes.device
+            encoded = self.coder.encode(image_boxes[list(chosen)], anchors[list(ks)],
+                                        torch.tensor(rows, device=where), torch.tensor(cols, device=where))
+            params.extend(encoded.unbind(0))
         return objectness, index, params, classes, gt_boxes
 
     def __call__(self, raw: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor], has_boxes: torch.Tensor) -> torch.Tensor | None:
@@ -106,10 +134,10 @@ class DetectionLoss:
             target = torch.stack(params)
             predicted = torch.cat([torch.sigmoid(assigned[:, :2]), assigned[:, 2:4]], dim=1)
             loss = loss + self.box_weight * F.mse_loss(predicted, target)
-            class_target = F.one_hot(torch.tensor(classes, device=raw.device), self.head.num_classes).float()
+            class_target = F.one_hot(torch.tensor(classes, device=raw.device), self.num_classes).float()
             loss = loss + F.binary_cross_entropy_with_logits(assigned[:, 5:], class_target)
             if self.giou_weight:
-                decoded = self.head.decode_boxes(raw)[b, k, r, c]
+                decoded = self.coder.decode(raw, self.anchors.to(raw.device))[b, k, r, c]
                 giou = box_pair_giou(decoded, torch.stack(gt_boxes))
                 loss = loss + self.giou_weight * (1 - giou).mean()
         return loss

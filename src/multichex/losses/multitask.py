@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from multichex.data.record import CXRBatch
 from multichex.losses.detection import DetectionLoss
 from multichex.losses.masked import masked_bce_with_logits, masked_cross_entropy
 from multichex.losses.segmentation import deep_supervision_loss, make_segmentation_loss
-from multichex.models.multichexnet import MultiCheXNet
+
+if TYPE_CHECKING:
+    from multichex.models.multichexnet import MultiCheXNet
+
+CLS_ACTIVATIONS = ("sigmoid", "softmax")
 
 
 class MultiTaskLoss:
-    """Per-task losses on one batch; a task with no labels in the batch contributes no term."""
+    """Per-task losses on one batch; a task with no labels in the batch contributes no term.
+
+    The loss works on output and label tensors only. What it needs to know of the network is given to it:
+    ``cls_activation`` (``"sigmoid"``: masked BCE per class; ``"softmax"``: cross-entropy over one class per
+    image) and ``detection``, the :class:`DetectionLoss` built with the detector's anchors and box coder.
+    :meth:`for_model` takes both from a :class:`MultiCheXNet`; so does passing the network as ``model``.
+    """
 
     def __init__(
-        self, model: MultiCheXNet, weights: dict[str, float] | None = None, dice_weight: float = 1.0, giou_weight: float = 0.0,
-        seg_loss: dict | None = None, seg_side_weights: list[float] | None = None,
+        self, model: "MultiCheXNet | None" = None, weights: dict[str, float] | None = None, dice_weight: float = 1.0,
+        giou_weight: float = 0.0, seg_loss: dict | None = None, seg_side_weights: list[float] | None = None, *,
+        cls_activation: str = "sigmoid", detection: DetectionLoss | None = None,
     ) -> None:
         """``seg_loss``: ``{"name": ..., **parameters}`` of :func:`make_segmentation_loss` (default BCE + ``dice_weight`` ×
-        Dice); ``seg_side_weights``: deep supervision's weights, side outputs coarse → fine, then the final output."""
+        Dice); ``seg_side_weights``: deep supervision's weights, side outputs coarse → fine, then the final output;
+        ``giou_weight``: the GIoU term of the detection loss built from ``model`` (an explicit ``detection``
+        brings its own)."""
+        if model is not None:
+            cls_activation = model.config.cls_activation
+            detection = DetectionLoss.for_head(model.det, giou_weight=giou_weight) if detection is None else detection
+        if cls_activation not in CLS_ACTIVATIONS:
+            raise ValueError(f"cls_activation must be one of {CLS_ACTIVATIONS}, got {cls_activation!r}")
         self.weights = {"cls": 1.0, "seg": 1.0, "det": 1.0, "gate": 1.0, **(weights or {})}
         spec = dict(seg_loss or {"name": "bce_dice"})
         name = spec.pop("name")
@@ -27,8 +47,17 @@ class MultiTaskLoss:
             spec.setdefault("dice_weight", dice_weight)
         self.segmentation = make_segmentation_loss(name, **spec)
         self.side_weights = seg_side_weights
-        self.softmax = model.config.cls_activation == "softmax"
-        self.detection = DetectionLoss(model.det, giou_weight=giou_weight)
+        self.softmax = cls_activation == "softmax"
+        self.detection = detection
+
+    @classmethod
+    def for_model(
+        cls, model: "MultiCheXNet", weights: dict[str, float] | None = None, dice_weight: float = 1.0, giou_weight: float = 0.0,
+        seg_loss: dict | None = None, seg_side_weights: list[float] | None = None,
+    ) -> "MultiTaskLoss":
+        """The loss of ``model``: its classification activation and a detection loss of its CheXDet head's geometry."""
+        return cls(None, weights, dice_weight, giou_weight, seg_loss, seg_side_weights, cls_activation=model.config.cls_activation,
+                   detection=DetectionLoss.for_head(model.det, giou_weight=giou_weight))
 
     @staticmethod
     def tasks_for(batch: CXRBatch, trainable: set[str]) -> list[str]:
@@ -60,6 +89,8 @@ class MultiTaskLoss:
             terms["seg"] = deep_supervision_loss(outputs["seg"][has], sides[has] if sides is not None else None,
                                                  seg_batch.masks[has], self.segmentation, self.side_weights)
         if "det" in outputs:
+            if self.detection is None:
+                raise ValueError("a detection output reached a MultiTaskLoss without a detection loss (pass detection=DetectionLoss(...))")
             terms["det"] = self.detection(outputs["det"], det_batch.boxes, det_batch.box_labels, det_batch.has_boxes)
         losses = {name: value for name, value in terms.items() if value is not None}
         if losses:

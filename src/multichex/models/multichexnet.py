@@ -51,6 +51,14 @@ class MultiCheXNet(nn.Module):
         """Images in [0, 1] (``B×1×H×W``) → multi-scale features (normalisation happens here, not in user code)."""
         return self.encoder((images - self.input_mean) / self.input_std)
 
+    def class_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → CheXCls logits (the path a class saliency map differentiates)."""
+        return self.cls(self.encode(images))
+
+    def saliency_modules(self) -> tuple[nn.Module, ...]:
+        """The modules :meth:`class_logits` runs (see :class:`~multichex.models.saliency.SaliencySource`)."""
+        return (self.encoder, self.cls)
+
     def run_heads(
         self, features: list[torch.Tensor], tasks: Iterable[str], output_size: tuple[int, int], guide: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:

@@ -1,55 +1,49 @@
-"""``multichex serve``: a small local FastAPI app around :class:`~multichex.inference.predictor.Predictor`.
+"""Routes of ``multichex serve``: :func:`create_app` and the prediction job behind ``POST /predict``.
 
 Research software, NOT for clinical use. There is no authentication: bind it to 127.0.0.1.
-
-Everything the server writes lives in one :class:`tempfile.TemporaryDirectory` created by
-:func:`create_app` and removed on shutdown::
-
-    <tmp>/uploads/<uuid hex><.png|.jpg|.dcm>     one upload, deleted once predicted
-    <tmp>/results/<result_id>/                   one folder per prediction (at most keep_results)
-
-Upload types are sniffed from the bytes; the client's filename and content type are never used
-in a path and only echoed back for display.
+Uploads are handled by :mod:`multichex.serve.uploads`, the temp dir, pool and results by
+:class:`~multichex.serve.state.ServeState`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import logging
-import re
 import shutil
-import tempfile
-import threading
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import quote
 
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse
 
 from multichex import CLINICAL_DISCLAIMER, __version__
-from multichex.inference.predictor import Predictor, predict_files
+from multichex.inference.predictor import Predictor, PreparedImage, predict_files
+from multichex.serve.state import ServeState
 
-__all__ = ["create_app", "sniff_upload", "ServeState"]
+# CHUNK_BYTES, RAW_DICOM and save_upload lived here before uploads.py: still importable from this module.
+from multichex.serve.uploads import (
+    CHUNK_BYTES,
+    RAW_DICOM,
+    caption_for,
+    display_name,
+    save_upload,
+    sniff_upload,
+)
+
+__all__ = ["CHUNK_BYTES", "RAW_DICOM", "ServeState", "create_app", "save_upload", "sniff_upload"]
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20
-"""Uploads are copied to disk in chunks of this size."""
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 """Allowance for multipart boundaries and part headers on top of ``max_upload_bytes`` (whole-body limit)."""
-_SNIFF_BYTES = 132  # DICOM: 128-byte preamble + b"DICM"
-_RESULT_ID = re.compile(r"[0-9a-f]{32}")
-_FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
-_MAX_CLIENT_NAME = 255
 _FILE_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 _PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -58,157 +52,24 @@ _PAGE_HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
 }
-RAW_DICOM = "raw-dicom"
-"""Sniff result for a DICOM stream without preamble (accepted only if pydicom can parse it)."""
 
 
-# --------------------------------------------------------------------------- sniffing
+# --------------------------------------------------------------------------- prediction job
 
 
-def sniff_upload(head: bytes) -> str | None:
-    """Suffix for the upload's real type from its first bytes: ``.png``, ``.jpg``, ``.dcm``,
-    :data:`RAW_DICOM` (needs a pydicom check), or ``None`` when it is none of PNG, JPEG or DICOM."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return ".png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return ".jpg"
-    if head[128:132] == b"DICM":
-        return ".dcm"
-    if len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00"):  # group 0x0002 / 0x0008 tag, no preamble
-        return RAW_DICOM
-    return None
+class _CaptionedPredictor:
+    """The app's predictor as :func:`predict_files` sees it, except that each prepared image is named
+    ``caption``: the overlay caption shows the client's file name, not the temporary upload's uuid."""
 
+    def __init__(self, predictor: Predictor, caption: str) -> None:
+        self._predictor = predictor
+        self._caption = caption
 
-def _pydicom_reads_image(path: Path) -> bool:
-    """Whether pydicom parses ``path`` as a dataset that describes an image (rows and columns)."""
-    import pydicom
+    def prepare(self, path: str | Path) -> PreparedImage:
+        return dataclasses.replace(self._predictor.prepare(path), path=Path(self._caption))
 
-    try:
-        dataset = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-    except Exception:  # noqa: BLE001 - anything pydicom cannot parse is simply not DICOM
-        return False
-    return "Rows" in dataset and "Columns" in dataset
-
-
-# --------------------------------------------------------------------------- server state
-
-
-class ServeState:
-    """What one app owns: its temp dir, worker pool, admission counter and result folders."""
-
-    def __init__(self, predictor: Predictor, max_upload_bytes: int, workers: int, max_queue: int, keep_results: int) -> None:
-        for name, value in (("max_upload_bytes", max_upload_bytes), ("workers", workers),
-                            ("max_queue", max_queue), ("keep_results", keep_results)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        self.predictor = predictor
-        self.max_upload_bytes = max_upload_bytes
-        self.workers = workers
-        self.max_queue = max_queue
-        self.keep_results = keep_results
-        self._tmp = tempfile.TemporaryDirectory(prefix="multichex-serve-")
-        self.root = Path(self._tmp.name)
-        self.uploads = self.root / "uploads"
-        self.results = self.root / "results"
-        self.uploads.mkdir()
-        self.results.mkdir()
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="multichex-predict")
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._kept: deque[str] = deque()
-        self.closed = False
-
-    @property
-    def in_flight(self) -> int:
-        """Predictions admitted and not finished (uploading, waiting or running)."""
-        return self._in_flight
-
-    def try_admit(self) -> bool:
-        """Take a queue slot; ``False`` when ``max_queue`` predictions are already in flight."""
-        with self._lock:
-            if self._in_flight >= self.max_queue:
-                return False
-            self._in_flight += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-
-    def keep_result(self, result_id: str) -> None:
-        """Remember a finished result folder; delete the oldest beyond ``keep_results``."""
-        with self._lock:
-            self._kept.append(result_id)
-            stale = [self._kept.popleft() for _ in range(len(self._kept) - self.keep_results)]
-        for old in stale:
-            shutil.rmtree(self.results / old, ignore_errors=True)
-
-    def result_file(self, result_id: str, filename: str) -> Path | None:
-        """The file ``filename`` of result ``result_id``, or ``None`` unless both names are plain and it exists."""
-        if not _RESULT_ID.fullmatch(result_id) or not _FILENAME.fullmatch(filename) or ".." in filename:
-            return None
-        folder = self.results / result_id
-        path = folder / filename
-        if not path.is_file() or path.is_symlink() or path.resolve().parent != folder.resolve():
-            return None
-        return path
-
-    def close(self) -> None:
-        """Stop the pool (queued jobs are cancelled) and delete the temp dir; safe to call twice."""
-        if self.closed:
-            return
-        self.closed = True
-        self.executor.shutdown(wait=True, cancel_futures=True)
-        self._tmp.cleanup()
-
-
-# --------------------------------------------------------------------------- upload and prediction
-
-
-async def save_upload(upload: UploadFile, folder: Path, limit: int) -> tuple[Path, str]:
-    """Copy ``upload`` in chunks to ``folder/<uuid><sniffed suffix>``; return the path and sniffed kind.
-
-    Raises HTTPException 413 past ``limit`` bytes, 415 for content that is not PNG, JPEG or DICOM,
-    422 for an empty upload.
-    """
-    head = b""
-    while len(head) < _SNIFF_BYTES:
-        chunk = await upload.read(CHUNK_BYTES)
-        if not chunk:
-            break
-        head += chunk
-    if not head:
-        raise HTTPException(422, "the uploaded file is empty")
-    _check_size(len(head), limit)
-    kind = sniff_upload(head[:_SNIFF_BYTES])
-    if kind is None:
-        raise HTTPException(415, "unsupported file type: the content is not PNG, JPEG or DICOM "
-                                 "(the type is detected from the file's bytes, not its name)")
-    path = folder / f"{uuid.uuid4().hex}{'.dcm' if kind == RAW_DICOM else kind}"
-    try:
-        await _copy_rest(upload, head, path, limit)
-        if kind == RAW_DICOM and not _pydicom_reads_image(path):
-            raise HTTPException(415, "unsupported file type: looks like DICOM without preamble, but pydicom cannot read it")
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return path, kind
-
-
-async def _copy_rest(upload: UploadFile, head: bytes, path: Path, limit: int) -> None:
-    size = len(head)
-    with path.open("xb") as out:
-        out.write(head)
-        while chunk := await upload.read(CHUNK_BYTES):
-            size += len(chunk)
-            _check_size(size, limit)
-            out.write(chunk)
-
-
-def _check_size(size: int, limit: int) -> None:
-    if size > limit:
-        mib = f" ({limit / 2**20:.1f} MiB)" if limit >= 2**20 else ""
-        raise HTTPException(413, f"upload too large: the limit is {limit} bytes{mib}")
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._predictor, name)
 
 
 def run_prediction(state: ServeState, upload: Path, result_id: str, client_name: str) -> dict[str, Any]:
@@ -217,8 +78,9 @@ def run_prediction(state: ServeState, upload: Path, result_id: str, client_name:
     Returns the response body; raises HTTPException 422 when the image cannot be read.
     """
     result_dir = state.results / result_id
+    predictor = cast(Predictor, _CaptionedPredictor(state.predictor, caption_for(client_name)))  # duck-typed
     try:
-        records, errors = predict_files(state.predictor, [upload], result_dir, batch_size=1, progress=False)
+        records, errors = predict_files(predictor, [upload], result_dir, batch_size=1, progress=False)
     except BaseException:
         shutil.rmtree(result_dir, ignore_errors=True)
         raise
@@ -349,8 +211,7 @@ def create_app(
         submitted = False
         try:
             upload, _ = await save_upload(file, state.uploads, state.max_upload_bytes)
-            client_name = (file.filename or "upload")[:_MAX_CLIENT_NAME]
-            future = state.executor.submit(run_prediction, state, upload, uuid.uuid4().hex, client_name)
+            future = state.executor.submit(run_prediction, state, upload, uuid.uuid4().hex, display_name(file.filename))
             future.add_done_callback(lambda _: _job_done(state, upload))  # the slot stays taken while the job runs
             submitted = True
         finally:

@@ -206,12 +206,44 @@ class TrainConfig:
         return strict_from_dict(cls, data)
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML run config; ``overrides`` replace top-level keys."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML file (``{}`` for an empty file).
+
+    Raises:
+        ValueError: one line naming the file and the problem: invalid YAML (with its line and column),
+            text that is not UTF-8, or a top level that is not a mapping of keys.
+        OSError: the file cannot be read.
+    """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise ValueError(f"{path}: invalid YAML: {error}") from error
+        raise ValueError(f"{path}: invalid YAML{_yaml_where(error)}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start})") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of keys (key: value), not {_yaml_kind(data)}")
+    return data
+
+
+def _yaml_where(error: yaml.YAMLError) -> str:
+    """`` at line L, column C: problem (context)`` of a YAML error, on one line."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    context = getattr(error, "context", None)
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
+
+
+def _yaml_kind(data: Any) -> str:
+    kinds = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+    return kinds.get(type(data), f"a {type(data).__name__}")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML run config; ``overrides`` replace top-level keys."""
+    data = read_yaml(path)
     data.update(overrides or {})
     return TrainConfig.from_dict(data)

@@ -21,16 +21,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from multichex.data.sources import CXRDataset
-from multichex.evaluation.evaluate import evaluate_datasets
 from multichex.fileio import atomic_write_text
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.checkpoint import load_model
-from multichex.training.config import TrainConfig
+from multichex.training.config import TrainConfig, read_yaml
 from multichex.training.data import make_datasets, split_sources
-from multichex.training.loop import Trainer, seed_everything
+from multichex.training.run import train_and_evaluate
+from multichex.training.trainer import seed_everything
 from multichex.training.transfer import transfer_model
 
 log = logging.getLogger(__name__)
@@ -105,17 +103,14 @@ class Protocol:
 
 
 def is_protocol(path: str | Path) -> bool:
-    """A YAML run config with a ``phases`` list."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    return isinstance(data, dict) and "phases" in data
+    """A YAML run config with a ``phases`` list (a file :func:`read_yaml` refuses raises its ValueError)."""
+    return "phases" in read_yaml(path)
 
 
 def load_protocol(path: str | Path, overrides: dict[str, Any] | None = None) -> Protocol:
+    """Read a YAML protocol; ``overrides`` replace top-level (protocol-level) keys."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: invalid YAML: {error}") from error
+    data = read_yaml(path)
     phases = data.pop("phases", None)
     if not isinstance(phases, list):
         raise ValueError(f"{path}: `phases` must be a list of phases")
@@ -221,13 +216,7 @@ class ProtocolRunner:
             config = self.protocol.phase_config(index)
             log.info("phase %d/%d: %s — trains %s on %s", index + 1, len(self.protocol.phases), phase.name, config.trainable, phase.sources)
             parts = self.datasets(config, sorted(set(phase.sources) | set(phase.evaluate or [])))
-            train = {k: d for k, d in parts.get("train", {}).items() if k in phase.sources}
-            val = {k: d for k, d in parts.get("val", {}).items() if k in phase.sources}
-            trainer = Trainer(config, train, val, model=self.initial_model(index), progress=self.progress)
-            if resume and (self.protocol.phase_dir(index) / "last.safetensors").exists():
-                trainer.resume()
-            trainer.fit()  # ends with every rank past rank 0's last write of this phase's checkpoints
-            metrics = self.evaluate_phase(index, parts.get("test", {}))
+            _, metrics = self.run_phase(index, config, parts, resume)
             state["completed"].append(phase.name)
             state["metrics"][phase.name] = metrics
             state["seconds"][phase.name] = round(time.monotonic() - started, 1) + state["seconds"].get(phase.name, 0.0)
@@ -238,18 +227,22 @@ class ProtocolRunner:
             atomic_write_text(self.out_dir / "metrics.json", json.dumps(state["metrics"], indent=2))
         return state["metrics"]
 
-    def evaluate_phase(self, index: int, test_sets: dict[str, CXRDataset]) -> dict[str, Any]:
-        """Held-out (test patients) metrics of the phase's best weights on its ``evaluate`` sources
-        (under torchrun: rank 0 only; the other ranks get ``{}``)."""
-        from multichex.training import distributed
-
+    def run_phase(self, index: int, config: TrainConfig, parts: dict[str, dict[str, CXRDataset]], resume: bool) -> tuple[Path, dict[str, Any]]:
+        """Train phase ``index`` on its sources' train and validation parts (from its ``init`` weights, or
+        from its ``last`` checkpoint with ``resume``), then score its best weights on the test patients of its
+        ``evaluate`` sources (``phases/NN-name/metrics.json``; ``{}`` when it has none, and on ranks other
+        than 0 under torchrun)."""
         phase = self.protocol.phases[index]
-        chosen = {k: d for k, d in test_sets.items() if k in (phase.evaluate or phase.sources)}
-        if not chosen or not distributed.is_main():
-            return {}
-        model, _ = load_model(self.protocol.phase_dir(index) / "best.safetensors")
-        metrics = evaluate_datasets(model, chosen, bootstrap=self.bootstrap, seed=self.protocol.base.seed, per_source=len(chosen) > 1)
-        metrics["sources"] = sorted(chosen)
-        metrics["gate_threshold"] = model.config.gate.threshold
-        atomic_write_text(self.protocol.phase_dir(index) / "metrics.json", json.dumps(metrics, indent=2))
-        return metrics
+        train = {k: d for k, d in parts.get("train", {}).items() if k in phase.sources}
+        val = {k: d for k, d in parts.get("val", {}).items() if k in phase.sources}
+        chosen = sorted(k for k in parts.get("test", {}) if k in (phase.evaluate or phase.sources))
+
+        def described(_trainer: Any, model: MultiCheXNet | None) -> dict[str, Any]:
+            return {"sources": chosen, "gate_threshold": model.config.gate.threshold} if model is not None else {}
+
+        return train_and_evaluate(
+            config, {"train": train, "val": val, "test": parts.get("test", {})}, model=self.initial_model(index),
+            evaluate_on=chosen, bootstrap=self.bootstrap, per_source=len(chosen) > 1,
+            resume=resume and (self.protocol.phase_dir(index) / "last.safetensors").exists(),
+            progress=self.progress, summary=described,
+        )

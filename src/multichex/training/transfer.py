@@ -88,10 +88,10 @@ def run_transfer(
     No validation images are used: a k-shot run sees k labels per class and nothing else, so each run trains
     its configured steps and is scored as it ends. Writes ``OUT/transfer.json`` and ``OUT/transfer.md``.
     """
-    from multichex.evaluation.evaluate import evaluate_datasets
     from multichex.training.checkpoint import load_model
     from multichex.training.data import make_datasets, split_sources
-    from multichex.training.loop import Trainer, seed_everything
+    from multichex.training.run import train_and_evaluate
+    from multichex.training.trainer import seed_everything
 
     classes = config.model.class_names
     out_dir = Path(config.out_dir)
@@ -115,9 +115,8 @@ def run_transfer(
         run_dir = out_dir / f"shots-{k or 'all'}"
         run_config = replace(config, trainable=trainable, out_dir=str(run_dir), model=model.config, schedule="joint")
         started = time.monotonic()
-        Trainer(run_config, make_datasets(run_config, {"train": refs}, train=True), None, model=model, progress=progress).fit()
-        model, _ = load_model(run_dir / "best.safetensors")
-        metrics = evaluate_datasets(model, test_sets, bootstrap=bootstrap, seed=config.seed)
+        parts = {"train": make_datasets(run_config, {"train": refs}, train=True), "test": test_sets}
+        _, metrics = train_and_evaluate(run_config, parts, model=model, bootstrap=bootstrap, progress=progress, metrics_file=None)
         cls = metrics.get("classification", {})
         results.append({
             "shots": k or "all", "n_train": len(refs), "n_test": cls.get("n_images"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multichex.data.native.kermany import parse_kermany_name, read_kermany
+from multichex.data.native.kermany import parse_kermany_name, read_native_kermany
 
 FILES = [
     "train/NORMAL/IM-0115-0001.jpeg",
@@ -50,7 +50,7 @@ def kaggle_tree(root: Path) -> Path:
 
 def test_reads_every_split_with_exact_labels(tmp_path):
     base = kaggle_tree(tmp_path)
-    refs = read_kermany(tmp_path)
+    refs = read_native_kermany(tmp_path)
     # splits in (train, val, test) order, NORMAL before PNEUMONIA, names sorted; junk and the nested copy skipped
     assert [r.image_path for r in refs] == [base / name for name in FILES]
     for ref, (patient, split, pneumonia, bacterial, viral) in zip(refs, EXPECTED):
@@ -67,23 +67,23 @@ def test_reads_every_split_with_exact_labels(tmp_path):
 
 def test_root_may_be_chest_xray_itself_and_splits_filter(tmp_path):
     base = kaggle_tree(tmp_path)
-    assert [r.image_path for r in read_kermany(base)] == [r.image_path for r in read_kermany(tmp_path)]
-    test_only = read_kermany(base, splits=("test",))
+    assert [r.image_path for r in read_native_kermany(base)] == [r.image_path for r in read_native_kermany(tmp_path)]
+    test_only = read_native_kermany(base, splits=("test",))
     assert [r.image_path.name for r in test_only] == ["IM-0001-0001.jpeg", "person100_bacteria_475.jpeg"]
     with pytest.raises(ValueError, match="unknown Kermany split"):
-        read_kermany(base, splits=("training",))
+        read_native_kermany(base, splits=("training",))
 
 
 def test_nested_only_copy_is_found(tmp_path):
     jpeg(tmp_path / "chest_xray" / "chest_xray" / "val" / "PNEUMONIA" / "person1946_bacteria_4874.jpeg")
-    refs = read_kermany(tmp_path)
+    refs = read_native_kermany(tmp_path)
     assert [(r.patient_id, r.extra["official_split"]) for r in refs] == [("kermany:person1946", "val")]
 
 
 def test_pneumonia_without_pathogen_in_name_leaves_subtypes_unknown(tmp_path):
     jpeg(tmp_path / "chest_xray" / "train" / "PNEUMONIA" / "BACTERIA-1008087-0001.jpeg")
     jpeg(tmp_path / "chest_xray" / "train" / "PNEUMONIA" / "IM-0500-0001.jpeg")
-    refs = read_kermany(tmp_path)
+    refs = read_native_kermany(tmp_path)
     assert refs[0].patient_id == "kermany:1008087" and refs[0].findings["Bacterial Pneumonia"] == 1.0
     assert refs[1].patient_id == "kermany:IM-0500"
     assert math.isnan(refs[1].findings["Bacterial Pneumonia"]) and math.isnan(refs[1].findings["Viral Pneumonia"])
@@ -104,11 +104,11 @@ def test_parse_names(name, patient, pathogen):
 
 def test_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="no chest_xray"):
-        read_kermany(tmp_path)
+        read_native_kermany(tmp_path)
     jpeg(tmp_path / "chest_xray" / "train" / "NORMAL" / "person3_virus_1.jpeg")
     with pytest.raises(ValueError, match=r"person3_virus_1.jpeg: a NORMAL image named as a virus pneumonia case"):
-        read_kermany(tmp_path)
+        read_native_kermany(tmp_path)
     (tmp_path / "chest_xray" / "train" / "NORMAL" / "person3_virus_1.jpeg").unlink()
     jpeg(tmp_path / "chest_xray" / "train" / "NORMAL" / "scan.jpeg")
     with pytest.raises(ValueError, match=r"scan.jpeg: unrecognised Kermany file name"):
-        read_kermany(tmp_path)
+        read_native_kermany(tmp_path)

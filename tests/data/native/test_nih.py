@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from multichex.data.labels import NIH_FINDINGS
-from multichex.data.native.nih import find_entry_file, read_nih, read_nih_boxes
+from multichex.data.native.nih import find_entry_file, read_native_nih, read_nih_boxes
 
 REAL_BOX_LIST = Path("/work/shared/data/nih-cxr14-sample/metadata/BBox_List_2017_original_coords.csv")
 
@@ -68,7 +68,7 @@ def _expected(*positives: str) -> dict[str, float]:
 
 def test_labels_boxes_and_missing_images(nih_native: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="multichex.data.native.nih"):
-        refs = read_nih(nih_native)
+        refs = read_native_nih(nih_native)
     by_name = {ref.image_path.name: ref for ref in refs}
     assert list(by_name) == ["00000001_000.png", "00000001_001.png", "00000002_000.png", "00000002_001.png"]
     assert by_name["00000001_000.png"].image_path == nih_native / "images_001" / "images" / "00000001_000.png"
@@ -101,47 +101,47 @@ def test_labels_boxes_and_missing_images(nih_native: Path, caplog: pytest.LogCap
 
 def test_split_views_and_keep_missing(nih_native: Path) -> None:
     names = lambda refs: [r.image_path.name for r in refs]  # noqa: E731
-    assert names(read_nih(nih_native, split="train_val")) == ["00000001_000.png", "00000001_001.png"]
-    assert names(read_nih(nih_native, split="test")) == ["00000002_000.png", "00000002_001.png"]
-    assert names(read_nih(nih_native, views=("PA",))) == ["00000001_000.png", "00000001_001.png", "00000002_001.png"]
-    assert len(read_nih(nih_native, views=None)) == 4
-    kept = read_nih(nih_native, require_images=False)
+    assert names(read_native_nih(nih_native, split="train_val")) == ["00000001_000.png", "00000001_001.png"]
+    assert names(read_native_nih(nih_native, split="test")) == ["00000002_000.png", "00000002_001.png"]
+    assert names(read_native_nih(nih_native, views=("PA",))) == ["00000001_000.png", "00000001_001.png", "00000002_001.png"]
+    assert len(read_native_nih(nih_native, views=None)) == 4
+    kept = read_native_nih(nih_native, require_images=False)
     assert kept[-1].image_path == nih_native / "images" / "00000003_000.png"
     assert kept[-1].findings == _expected("Nodule") and kept[-1].patient_id == "nih:3"
-    assert all(r.boxes_xywh is None for r in read_nih(nih_native, boxes=False))
+    assert all(r.boxes_xywh is None for r in read_native_nih(nih_native, boxes=False))
     with pytest.raises(ValueError, match="unknown NIH split"):
-        read_nih(nih_native, split="val")
+        read_native_nih(nih_native, split="val")
     (nih_native / "test_list.txt").unlink()
     with pytest.raises(ValueError, match=r"test_list\.txt.*not found"):
-        read_nih(nih_native, split="test")
+        read_native_nih(nih_native, split="test")
 
 
 def test_v2020_file_with_plain_ages_is_preferred(nih_native: Path) -> None:
     v2020 = [row.replace("058Y", "57").replace("081Y", "80") for row in ENTRY_ROWS]
     _write(nih_native / "Data_Entry_2017_v2020.csv", [ENTRY_HEADER.rstrip(","), *[r.rstrip(",") for r in v2020]])
     assert find_entry_file(nih_native).name == "Data_Entry_2017_v2020.csv"
-    refs = read_nih(nih_native)
+    refs = read_native_nih(nih_native)
     assert [r.extra["age"] for r in refs] == [57, 57, 80, 82]
 
 
 def test_errors_name_file_and_row(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no Data_Entry_2017"):
-        read_nih(tmp_path)
+        read_native_nih(tmp_path)
     entry = _write(tmp_path / "Data_Entry_2017.csv", [ENTRY_HEADER.replace("Patient ID,", ""), *ENTRY_ROWS])
     with pytest.raises(ValueError, match=r"Data_Entry_2017\.csv: row 1: missing required column\(s\) \['Patient ID'\]"):
-        read_nih(tmp_path)
+        read_native_nih(tmp_path)
     _write(entry, [ENTRY_HEADER, ENTRY_ROWS[0], ENTRY_ROWS[1].replace("Effusion", "Effusions")])
     with pytest.raises(ValueError, match=r"Data_Entry_2017\.csv: row 3: unknown finding label\(s\) \['Effusions'\]"):
-        read_nih(tmp_path)
+        read_native_nih(tmp_path)
     _write(entry, [ENTRY_HEADER, ENTRY_ROWS[0].replace("Cardiomegaly", "No Finding|Mass")])
     with pytest.raises(ValueError, match="row 2: 'No Finding' combined"):
-        read_nih(tmp_path)
+        read_native_nih(tmp_path)
     _write(entry, [ENTRY_HEADER, ENTRY_ROWS[0].replace("058Y", "old")])
     with pytest.raises(ValueError, match="row 2: malformed 'Patient Age'"):
-        read_nih(tmp_path)
+        read_native_nih(tmp_path)
     _write(entry, [ENTRY_HEADER, ENTRY_ROWS[0], ENTRY_ROWS[0]])
     with pytest.raises(ValueError, match="row 3: duplicate image"):
-        read_nih(tmp_path)
+        read_native_nih(tmp_path)
     boxes = _write(tmp_path / "BBox_List_2017.csv", [BOX_HEADER, BOX_ROWS[0], "00000001_001.png,Effusion,10,20,,,,"])
     with pytest.raises(ValueError, match=r"BBox_List_2017\.csv: row 3: box needs four numbers"):
         read_nih_boxes(boxes)
@@ -190,7 +190,7 @@ def test_boxes_follow_a_resized_copy(tmp_path: Path, caplog: pytest.LogCaptureFi
     (tmp_path / "images").mkdir()
     Image.fromarray(np.zeros((256, 256), dtype=np.uint8), mode="L").save(tmp_path / "images" / "00000005_000.png")
     Image.fromarray(np.zeros((128, 512), dtype=np.uint8), mode="L").save(tmp_path / "images" / "00000006_000.png")  # 512 wide, 128 high
-    refs = read_nih(tmp_path)
+    refs = read_native_nih(tmp_path)
     assert [r.image_path.name for r in refs] == ["00000005_000.png", "00000006_000.png"]
     assert refs[0].boxes_xywh == [(128.0, 64.0, 32.0, 16.0), (25.0, 225.0, 6.0, 10.0)]
     assert refs[1].boxes_xywh == [(256.0, 32.0, 64.0, 8.0)]
@@ -199,7 +199,7 @@ def test_boxes_follow_a_resized_copy(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert sample is not None and sample.boxes.tolist() == [[128.0, 64.0, 160.0, 80.0], [25.0, 225.0, 31.0, 235.0]]
 
     with caplog.at_level(logging.WARNING, logger="multichex.data.native.nih"):
-        kept = read_nih(tmp_path, require_images=False)
+        kept = read_native_nih(tmp_path, require_images=False)
     assert kept[-1].image_path.name == "00000007_000.png"
     assert kept[-1].boxes_xywh is None and kept[-1].box_names is None  # size unknown: never boxes in a wrong frame
     assert [r.boxes_xywh for r in kept[:2]] == [r.boxes_xywh for r in refs]

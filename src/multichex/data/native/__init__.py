@@ -11,14 +11,14 @@ from importlib import import_module
 
 # source name → (module, function)
 NATIVE_SOURCES: dict[str, tuple[str, str]] = {
-    "nih-chestxray14": ("nih", "read_nih"),
+    "nih-chestxray14": ("nih", "read_native_nih"),
     "rsna-pneumonia": ("rsna", "read_rsna"),
     "siim-acr-pneumothorax": ("siim", "read_siim"),
     "cohen-covid": ("cohen", "read_cohen"),
     "montgomery-tb": ("tb", "read_montgomery"),
     "shenzhen-tb": ("tb", "read_shenzhen"),
     "jsrt": ("jsrt", "read_jsrt"),
-    "kermany-chest-xray": ("kermany", "read_kermany"),
+    "kermany-chest-xray": ("kermany", "read_native_kermany"),
     "chexpert": ("chexpert", "read_chexpert"),
 }
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from multichex.data.labels import canonical_name
 from multichex.data.native.generic import Row, read_table
-from multichex.data.sources import SampleRef
+from multichex.data.ref import SampleRef
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from multichex.data.io import IMAGE_SUFFIXES
 from multichex.data.native.generic import read_table
-from multichex.data.sources import SampleRef
+from multichex.data.ref import SampleRef
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multichex.data.labels import canonical_name
-from multichex.data.sources import SampleRef
+from multichex.data.ref import SampleRef
 
 log = logging.getLogger(__name__)
 

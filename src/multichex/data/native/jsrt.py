@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from multichex.data.io import JSRT_PIXEL_SPACING, JSRT_SHAPE
-from multichex.data.sources import SampleRef
+from multichex.data.ref import SampleRef
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from multichex.data.sources import SampleRef
+from multichex.data.ref import SampleRef
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SPLITS", "parse_kermany_name", "read_kermany"]
+__all__ = ["SPLITS", "parse_kermany_name", "read_native_kermany"]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _CLASSES = {"NORMAL": 0.0, "PNEUMONIA": 1.0}
@@ -80,8 +80,8 @@ def _labels(pneumonia: float, pathogen: str, path: Path) -> dict[str, float]:
     }
 
 
-def read_kermany(root: Path, splits: Sequence[str] = SPLITS, dataset: str = "kermany-pediatric") -> list[SampleRef]:
-    """Read the requested official splits (missing split folders are skipped with a log line).
+def read_native_kermany(root: Path, splits: Sequence[str] = SPLITS, dataset: str = "kermany-pediatric") -> list[SampleRef]:
+    """Read the Kermany ``chest_xray`` tree as published: the requested official splits (missing split folders are skipped with a log line).
 
     Patient ids are ``kermany:<id>``; ``extra`` holds ``official_split`` and ``pathogen``.
 

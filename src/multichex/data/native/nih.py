@@ -7,7 +7,7 @@ Files read from ``root``:
   OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]`` (the bracketed names contain unquoted
   commas, and rows may end in empty cells), so columns are found by name only for the first seven.
 * ``BBox_List_2017.csv`` (optional) — ``Image Index,Finding Label,Bbox [x,y,w,h],,,``: x, y, w, h are
-  the 3rd to 6th cells, in pixels of the released 1024×1024 images. :func:`read_nih` scales them to each
+  the 3rd to 6th cells, in pixels of the released 1024×1024 images. :func:`read_native_nih` scales them to each
   image file's own size (x and w by width/1024, y and h by height/1024), so resized copies of the
   data set (the common 512 or 256 px ones) get boxes in their own pixels.
 * ``train_val_list.txt`` / ``test_list.txt`` (optional) — the official split, one image name a line.
@@ -28,7 +28,8 @@ from PIL import Image
 
 from multichex.data.io import ImageReadError, read_image
 from multichex.data.labels import NIH_FINDINGS, canonical_name
-from multichex.data.sources import SampleRef
+from multichex.data.ref import SampleRef
+from multichex.data.sources import nih_ref
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _cell(cells: list[str], position: int, path: Path, line: int, name: str) -> 
 
 
 def _findings(text: str, path: Path, line: int) -> dict[str, float]:
-    """``A|B`` or ``No Finding`` → all 14 findings, "No Finding" and COVID-19 (pre-2020 images) as 0/1."""
+    """``A|B`` or ``No Finding`` → all 14 findings and "No Finding" as 0/1 (:func:`nih_ref` adds COVID-19)."""
     names = {canonical_name(token) for token in text.split("|") if token.strip()}
     unknown = sorted(names - set(NIH_FINDINGS) - {"No Finding"})
     if unknown or not names:
@@ -80,7 +81,6 @@ def _findings(text: str, path: Path, line: int) -> dict[str, float]:
         raise ValueError(f"{path}: row {line}: 'No Finding' combined with findings: {text!r}")
     findings = {name: float(name in names) for name in NIH_FINDINGS}
     findings["No Finding"] = float("No Finding" in names)
-    findings["COVID-19"] = 0.0
     return findings
 
 
@@ -176,7 +176,7 @@ def _split_names(root: Path, split: str) -> set[str] | None:
     return {line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()}
 
 
-def read_nih(
+def read_native_nih(
     root: Path,
     *,
     split: str = "all",
@@ -235,18 +235,8 @@ def read_nih(
                 image_boxes = None
             else:
                 image_boxes = list(zip([label for label, _ in image_boxes], scale_boxes([box for _, box in image_boxes], size)))
-        refs.append(
-            SampleRef(
-                image_path=path,
-                dataset=dataset,
-                patient_id=f"nih:{patient}",
-                findings=findings,
-                positive=1.0 - findings["No Finding"],
-                boxes_xywh=[box for _, box in image_boxes] if image_boxes else None,
-                box_names=[label for label, _ in image_boxes] if image_boxes else None,
-                extra={"view": view, "age": age, "sex": get["Patient Gender"], "follow_up": follow_up},
-            )
-        )
+        extra = {"view": view, "age": age, "sex": get["Patient Gender"], "follow_up": follow_up}
+        refs.append(nih_ref(path, patient, findings, image_boxes, dataset=dataset, extra=extra))
     if missing:
         log.warning("%s: %d selected rows have no image file under images/ or images_*/images/; dropped", entry_path, missing)
     if unsized:

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from multichex.data.sources import SampleRef
+from multichex.data.ref import SampleRef
 
 log = logging.getLogger(__name__)
 

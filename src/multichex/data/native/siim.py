@@ -18,8 +18,9 @@ import logging
 import os
 from pathlib import Path
 
+from multichex.data.dicom import dcmread
+from multichex.data.ref import SampleRef
 from multichex.data.rle import EMPTY
-from multichex.data.sources import SampleRef
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,8 @@ def index_dicoms(folder: Path) -> dict[str, Path]:
 
 def dicom_patient_id(path: Path) -> str | None:
     """``PatientID`` from the DICOM header (pixels are not read); None if absent or unreadable."""
-    import pydicom
-
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
     except Exception:  # noqa: BLE001 - an unreadable file is reported when its pixels are read
         return None
     return str(ds.get("PatientID", "") or "").strip() or None

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from multichex.data.sources import SampleRef
+from multichex.data.ref import SampleRef
 
 log = logging.getLogger(__name__)
 

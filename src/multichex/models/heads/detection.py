@@ -2,7 +2,8 @@
 
 YOLO-style: each cell of the stride-``s`` grid predicts, for each of ``K`` anchor shapes,
 ``(tx, ty, tw, th, objectness, class logits…)``; the centre is ``(cell + sigmoid(t)) · s`` and the
-size is ``anchor · exp(t)``.
+size is ``anchor · exp(t)`` (the :class:`~multichex.models.heads.box_coder.BoxCoder`, which the
+detection loss shares).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 from monai.data.box_utils import batched_nms
 from torch import nn
 
-MAX_LOG_SCALE = 4.0
+from multichex.models.heads.box_coder import MAX_LOG_SCALE, BoxCoder
+
+__all__ = ["MAX_LOG_SCALE", "BoxCoder", "CheXDet", "Detections"]
 
 
 @dataclass
@@ -41,6 +44,7 @@ class CheXDet(nn.Module):
         self.stride = stride
         self.level = {4: 0, 8: 1, 16: 2, 32: 3}[stride]
         self.num_classes = num_classes
+        self.box_coder = BoxCoder(stride)  # shared with the detection loss, which encodes its targets with it
         # Anchors are fractions of the training image size, stored in pixels.
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32) * image_size, persistent=False)
         cin = encoder_channels[self.level] + (encoder_channels[self.level + 1] if self.level < 3 else 0)
@@ -68,16 +72,8 @@ class CheXDet(nn.Module):
         return raw.view(batch, self.num_anchors, 5 + self.num_classes, height, width).permute(0, 1, 3, 4, 2)
 
     def decode_boxes(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw predictions → xyxy boxes ``B×K×H×W×4`` in input pixels."""
-        _, _, height, width, _ = raw.shape
-        ys, xs = torch.meshgrid(torch.arange(height, device=raw.device), torch.arange(width, device=raw.device), indexing="ij")
-        cx = (xs + torch.sigmoid(raw[..., 0])) * self.stride
-        cy = (ys + torch.sigmoid(raw[..., 1])) * self.stride
-        anchor_w = self.anchors[:, 0].view(1, -1, 1, 1)
-        anchor_h = self.anchors[:, 1].view(1, -1, 1, 1)
-        w = anchor_w * torch.exp(raw[..., 2].clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE))
-        h = anchor_h * torch.exp(raw[..., 3].clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE))
-        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        """Raw predictions → xyxy boxes ``B×K×H×W×4`` in input pixels (:meth:`BoxCoder.decode`)."""
+        return self.box_coder.decode(raw, self.anchors)
 
     def postprocess(
         self,

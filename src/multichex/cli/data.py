@@ -1,8 +1,4 @@
-"""``multichex data``: prepare a letterboxed cache of a source and inspect it.
-
-Mounted in ``multichex.cli`` with ``app.add_typer(data_app, name="data")``; also runnable on its own
-as ``python -m multichex.data.cache_cli prepare|info ...``.
-"""
+"""``multichex data``: prepare a letterboxed cache of a source and inspect it."""
 
 from __future__ import annotations
 

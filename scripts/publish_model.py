@@ -1,0 +1,99 @@
+"""Publish a trained checkpoint as a shipped model: an fp16 copy in the package's zoo, its sha256 in the index.
+
+    python scripts/publish_model.py runs/zoo/multichex-lite-256/best.safetensors --name multichex-lite-256 \
+        --summary "..." --card docs/models/multichex-lite-256.md --default
+
+The fp16 copy is loaded back as float32 (``multichex.models.checkpoint.load_weights``); this script checks
+that its predictions agree with the float32 checkpoint on the bundled sample (class probabilities within
+``--tolerance``, every mask Dice ≥ ``--min-mask-dice``) before it writes the index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from multichex.data.io import list_images
+from multichex.data.sources import bundled_sample_root
+from multichex.inference.predictor import prepare_image
+from multichex.models.checkpoint import load_model, read_checkpoint, write_checkpoint
+from multichex.models.pretrained import INDEX_NAME, package_zoo, sha256_of
+
+PUBLIC_HEADER = ("gate_threshold", "class_thresholds", "train_config", "trainer")
+
+
+def agreement(reference: torch.nn.Module, copy: torch.nn.Module, size: int) -> dict[str, float]:
+    """Largest class-probability and mask-probability differences on the bundled sample images."""
+    images = torch.stack([prepare_image(path, size).tensor for path in list_images(bundled_sample_root())])
+    a = reference.predict(images, use_gate=False)
+    b = copy.predict(images, use_gate=False)
+    dice = []
+    for x, y in zip(a.seg_probs, b.seg_probs):
+        p, q = x >= 0.5, y >= 0.5
+        dice.append(float(2 * (p & q).sum() / max(1, int(p.sum() + q.sum()))))
+    return {
+        "images": len(images),
+        "max_abs_class_probability": float((a.class_probs - b.class_probs).abs().max()),
+        "max_abs_mask_probability": max(float((x - y).abs().max()) for x, y in zip(a.seg_probs, b.seg_probs)),
+        "min_mask_dice": min(dice),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--summary", required=True)
+    parser.add_argument("--card", type=Path, required=True, help="Model card (markdown); copied into the package.")
+    parser.add_argument("--split", type=Path, help="The run's split.json, recorded (repo-relative) in the shipped header.")
+    parser.add_argument("--metrics", type=Path, help="A metrics JSON whose headline numbers go into the index.")
+    parser.add_argument("--default", action="store_true", help="Make this the model commands use without --checkpoint.")
+    parser.add_argument("--tolerance", type=float, default=2e-3, help="Largest allowed fp16-vs-fp32 class-probability difference.")
+    parser.add_argument("--min-mask-dice", type=float, default=0.995, help="Smallest allowed fp16-vs-fp32 mask Dice on any image.")
+    args = parser.parse_args()
+
+    header, _ = read_checkpoint(args.checkpoint)
+    model, _ = load_model(args.checkpoint)
+    zoo = package_zoo()
+    target = zoo / f"{args.name}.safetensors"
+    extra = {k: header[k] for k in PUBLIC_HEADER if k in header}
+    if args.split is not None and "train_config" in extra:
+        extra["train_config"] = {**extra["train_config"], "split_file": str(args.split)}
+    extra["published_from"] = {"checkpoint": str(args.checkpoint), "sha256": sha256_of(args.checkpoint)}
+    write_checkpoint(target, model, extra, dtype=torch.float16)
+    copy, _ = load_model(target)
+    measured = agreement(model, copy, model.config.image_size)
+    print(json.dumps(measured))
+    if measured["max_abs_class_probability"] > args.tolerance or measured["min_mask_dice"] < args.min_mask_dice:
+        print(f"fp16 copy disagrees with fp32 (class probabilities beyond {args.tolerance} or a mask Dice under "
+              f"{args.min_mask_dice}): not published", file=sys.stderr)
+        target.unlink()
+        target.with_suffix(".json").unlink(missing_ok=True)
+        return 1
+    card = zoo / f"{args.name}.md"
+    if not (card.exists() and card.samefile(args.card)):
+        shutil.copyfile(args.card, card)
+    index_path = zoo / INDEX_NAME
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {"models": []}
+    entry = {"name": args.name, "file": target.name, "sha256": sha256_of(target), "summary": args.summary,
+             "card": f"{args.name}.md", "default": args.default, "image_size": model.config.image_size,
+             "encoder": model.config.encoder, "stored_dtype": "float16", "fp16_agreement": measured}
+    if args.metrics is not None:
+        entry["metrics"] = json.loads(args.metrics.read_text())
+    models = [m for m in index["models"] if m["name"] != args.name]
+    if args.default:
+        for m in models:
+            m["default"] = False
+    index["models"] = models + [entry]
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    print(f"published {target} ({target.stat().st_size / 2**20:.1f} MiB, sha256 {entry['sha256'][:12]}…)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
