@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the sibling modules, also when loaded from elsewhere
 
-from bench_common import md_table, measured, source_fingerprint, timed, write_results
+from bench_common import md_table, measured, source_fingerprint, timed, write_results  # noqa: E402
 
 
 def count_outputs(out: Path) -> int:

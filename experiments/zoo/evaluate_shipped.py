@@ -39,6 +39,7 @@ def evaluate(sources: list[str], tasks: str, part: str, out: Path) -> dict:
                "--tasks", tasks, "--part", part, "--out", str(out)]
     if part != "all":
         command += ["--split", str(SPLIT)]
+    out.parent.mkdir(parents=True, exist_ok=True)
     seconds = run(command, out.with_suffix(".log"))
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["seconds"] = seconds

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from multichex.cli.data import data_app, parse_fractions
 from multichex.data.cache import (
     DELAY_ENV,
     JOURNAL_NAME,
@@ -30,7 +31,6 @@ from multichex.data.cache import (
     read_index,
     read_split,
 )
-from multichex.cli.data import data_app, parse_fractions
 from multichex.data.registry import read_source
 from multichex.data.sources import READERS, CXRDataset, SampleRef
 from multichex.data.transforms import AugmentConfig

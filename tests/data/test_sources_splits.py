@@ -12,8 +12,8 @@ import torch
 
 from multichex.data.labels import NIH_FINDINGS, canonical_name, relabel
 from multichex.data.record import collate_samples
-from multichex.data.samplers import AlternatingBatches, JointBatches
 from multichex.data.registry import read_source
+from multichex.data.samplers import AlternatingBatches, JointBatches
 from multichex.data.sources import (
     CXRDataset,
     SampleRef,

@@ -18,7 +18,13 @@ from multichex.data.registry import read_source
 from multichex.data.sources import CXRDataset
 from multichex.evaluation.bootstrap import bootstrap_ci, bootstrap_statistic
 from multichex.evaluation.evaluate import (
-    Collected, PassMetrics, _detection_summary, collect, feed, macro_classification_intervals, summarize,
+    Collected,
+    PassMetrics,
+    _detection_summary,
+    collect,
+    feed,
+    macro_classification_intervals,
+    summarize,
 )
 from multichex.evaluation.metrics import (
     ClassificationMetric,

@@ -139,7 +139,7 @@ EMPTY_BOXES = torch.zeros(0, 4)
 EMPTY_LABELS = torch.zeros(0, dtype=torch.long)
 
 
-def _run(preds: list[tuple], gts: list[tuple], names: list[str] = ["a", "b"], **kw) -> dict:
+def _run(preds: list[tuple], gts: list[tuple], names: tuple[str, ...] = ("a", "b"), **kw) -> dict:
     """preds: per image (boxes, scores, labels); gts: per image (boxes, labels)."""
     return detection_map(
         [T(p[0]).reshape(-1, 4).float() for p in preds],
@@ -147,7 +147,7 @@ def _run(preds: list[tuple], gts: list[tuple], names: list[str] = ["a", "b"], **
         [T(p[2]).long() for p in preds],
         [T(g[0]).reshape(-1, 4).float() for g in gts],
         [T(g[1]).long() for g in gts],
-        names,
+        list(names),
         **kw,
     )
 

@@ -219,7 +219,7 @@ def test_nan_loss_batch_is_skipped_and_weights_stay_finite(tmp_path, covid_root,
     assert trainer.skipped_batches == 1
     for name, parameter in trainer.model.named_parameters():
         assert torch.isfinite(parameter).all(), name
-    for name, state in trainer.optimizer.state.items():
+    for state in trainer.optimizer.state.values():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 assert torch.isfinite(value).all(), key

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from multichex import CLINICAL_DISCLAIMER
 from multichex.inference.predictor import Predictor
-from multichex.serve import create_app
 from multichex.serve import app as serve_app
+from multichex.serve import create_app
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

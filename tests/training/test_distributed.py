@@ -22,11 +22,11 @@ import yaml
 from torch.utils.data import DataLoader
 
 from multichex.data.samplers import AlternatingBatches, JointBatches, RankShardSampler, make_loader
+from multichex.models.config import ModelConfig
+from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.checkpoint import read_checkpoint
 from multichex.training.config import TrainConfig
 from multichex.training.data import make_datasets, split_sources
-from multichex.models.config import ModelConfig
-from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.loop import Trainer, seed_everything
 
 RUN_TIMEOUT = 180  # seconds per torchrun launch; a hung rank fails the test instead of blocking CI

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -37,7 +37,7 @@ def prepare(
     out: Path = typer.Option(..., "--out", help="Cache folder (created; rerun to resume)."),
     size: int = typer.Option(256, "--size", help="Letterboxed image size in pixels."),
     workers: int = typer.Option(2, "--workers", help="Worker processes (1 = in this process)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first K items of the source listing."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first K items of the source listing."),
     fractions: str = typer.Option("0.7,0.15,0.15", "--fractions", help="Patient split: train,val,test fractions (or name=fraction pairs)."),
     seed: int = typer.Option(0, "--seed", help="Patient split seed."),
     progress: bool = typer.Option(True, help="Show a progress bar."),

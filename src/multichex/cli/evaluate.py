@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -34,10 +33,10 @@ def _recorded_split(checkpoint: Path, header: dict) -> Path:
 
 def evaluate(
     data: list[str] = typer.Argument(..., metavar="SOURCE[=ROOT]...", help="Data sources, e.g. covid-chestxray=../shared/data/covid-chestxray (no ROOT: the bundled copy)."),
-    checkpoint: Optional[str] = typer.Option(None, help=CHECKPOINT_HELP),
+    checkpoint: str | None = typer.Option(None, help=CHECKPOINT_HELP),
     out: Path = typer.Option(Path("runs/evaluate"), help="Output folder."),
     part: str = typer.Option("all", help="'all' images, or a part (train/val/test) of the split the checkpoint's run saved (its split.json)."),
-    split: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="With --part: take the part from this split.json instead of the one the checkpoint records."),
+    split: Path | None = typer.Option(None, exists=True, dir_okay=False, help="With --part: take the part from this split.json instead of the one the checkpoint records."),
     bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, help="Bootstrap resamples (patients) for the 95% CIs of every head; 0 disables."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     tasks: str = typer.Option("cls,gate,seg,det", help="Comma-separated labels to score (others are ignored), e.g. seg."),

@@ -6,7 +6,6 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -26,9 +25,9 @@ def demo(
     minutes: float = typer.Option(3.0, help="Training time budget in minutes (evaluation and overlays add about half a minute)."),
     out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
     seed: int = typer.Option(0, help="Random seed."),
-    image_size: Optional[int] = typer.Option(None, help="Override the training image size (multiple of 32)."),
-    epochs: Optional[int] = typer.Option(None, help="Override the number of epochs."),
-    steps_per_epoch: Optional[int] = typer.Option(None, help="Override the steps per epoch."),
+    image_size: int | None = typer.Option(None, help="Override the training image size (multiple of 32)."),
+    epochs: int | None = typer.Option(None, help="Override the number of epochs."),
+    steps_per_epoch: int | None = typer.Option(None, help="Override the steps per epoch."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Train a small 3-task model on the bundled real X-rays, evaluate on held-out patients, write a report."""
@@ -46,8 +45,8 @@ def demo(
 
 def train(
     config_path: Path = typer.Argument(..., metavar="CONFIG.yaml", exists=True, dir_okay=False, help="Run config or protocol (YAML with `phases:`)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (overrides out_dir)."),
-    seed: Optional[int] = typer.Option(None, help="Seed (overrides the config)."),
+    out: Path | None = typer.Option(None, help="Output folder (overrides out_dir)."),
+    seed: int | None = typer.Option(None, help="Seed (overrides the config)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run (a protocol skips its finished phases)."),
     smoke: bool = typer.Option(False, help="Protocols: run every phase at toy size (64 px, 2 steps, 12 images per source) to check the file."),
     progress: bool = typer.Option(True, help="Show progress bars."),

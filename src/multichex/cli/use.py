@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -18,7 +18,7 @@ from multichex.cli.common import (
 
 
 def export(
-    checkpoint: Optional[str] = typer.Option(None, help=CHECKPOINT_HELP),
+    checkpoint: str | None = typer.Option(None, help=CHECKPOINT_HELP),
     out: Path = typer.Option(Path("model.onnx"), help="Encoder graph path; the head graphs and the JSON sidecar go beside it."),
     opset: int = typer.Option(18, help="ONNX opset."),
     check: bool = typer.Option(True, help="Check ONNX Runtime's outputs against PyTorch (float32: within 1e-4, else exit 1)."),
@@ -86,10 +86,10 @@ def _export_int8(model: Any, out: Path, opset: int, calibration: list[Path] | No
 
 def predict(
     paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Image files or folders (PNG, JPEG, DICOM), walked recursively."),
-    checkpoint: Optional[str] = typer.Option(None, help=CHECKPOINT_HELP + " With --runtime onnx/openvino also a `multichex export` model.onnx."),
+    checkpoint: str | None = typer.Option(None, help=CHECKPOINT_HELP + " With --runtime onnx also a `multichex export` model.onnx."),
     out: Path = typer.Option(Path("runs/predict"), help="Output folder."),
-    runtime: str = typer.Option("torch", help="'torch' (PyTorch), 'onnx' (ONNX Runtime) or 'openvino' (needs multichex[openvino]); "
-                                "a checkpoint or model name is exported to ONNX once and kept under $MULTICHEX_HOME/exports."),
+    runtime: str = typer.Option("torch", help="'torch' (PyTorch) or 'onnx' (ONNX Runtime); with 'onnx' a checkpoint or model name "
+                                "is exported once and kept under $MULTICHEX_HOME/exports."),
     gate: bool = typer.Option(True, "--gate/--no-gate", help="Run gated heads only on gate-positive images."),
     score_threshold: float = typer.Option(0.25, help="Minimum box score."),
     batch_size: int = typer.Option(8, help="Images per forward pass."),
@@ -111,8 +111,8 @@ def predict(
     if not files:
         raise typer.BadParameter("no image files found in the given paths")
     try:
-        model_file = checkpoint_path(checkpoint, (".safetensors", ".onnx") if runtime in {"onnx", "openvino"} else (".safetensors",))
-        if runtime in {"onnx", "openvino"} and model_file.suffix == ".safetensors":
+        model_file = checkpoint_path(checkpoint, (".safetensors", ".onnx") if runtime == "onnx" else (".safetensors",))
+        if runtime == "onnx" and model_file.suffix == ".safetensors":
             from multichex.inference.export_cache import cached_export
 
             model_file = cached_export(model_file)
@@ -127,7 +127,7 @@ def predict(
 
 
 def serve(
-    checkpoint: Optional[str] = typer.Option(None, help=CHECKPOINT_HELP),
+    checkpoint: str | None = typer.Option(None, help=CHECKPOINT_HELP),
     host: str = typer.Option("127.0.0.1", help="Interface to bind. No authentication: keep it local."),
     port: int = typer.Option(8000, help="TCP port."),
     workers: int = typer.Option(2, min=1, help="Predictions running at once (thread pool size)."),

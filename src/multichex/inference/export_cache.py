@@ -1,4 +1,7 @@
-"""ONNX exports of checkpoints made once and kept under ``$MULTICHEX_HOME/exports``, so a registered model runs in ONNX Runtime or OpenVINO without a manual ``multichex export``."""
+"""ONNX exports of checkpoints, made once and kept under ``$MULTICHEX_HOME/exports``.
+
+A registered model then runs in ONNX Runtime without a manual ``multichex export``.
+"""
 
 from __future__ import annotations
 

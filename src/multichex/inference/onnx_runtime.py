@@ -99,8 +99,6 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 class OnnxModel:
     """ONNX Runtime twin of :class:`MultiCheXNet` for inference: same ``config`` and ``predict`` contract."""
 
-    runtime = "onnx"
-
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         paths = onnx_paths(path)
         if not paths["meta"].is_file():

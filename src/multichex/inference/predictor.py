@@ -32,13 +32,13 @@ from multichex import CLINICAL_DISCLAIMER
 from multichex.data.io import ImageReadError, LoadedImage, read_image, to_uint8
 from multichex.data.transforms import Letterbox, normalize_intensity
 from multichex.evaluation.overlay import render_overlay
-from multichex.models.decision import at_or_above
-from multichex.progress import progress_bar
 from multichex.fileio import atomic_write_bytes, atomic_write_text
-from multichex.models.multichexnet import MultiCheXNet
 from multichex.inference.explain import GradCamExplainer, heatmap_overlay
 from multichex.inference.onnx_runtime import OnnxModel
 from multichex.inference.runtimes import load_inference_model
+from multichex.models.decision import at_or_above
+from multichex.models.multichexnet import MultiCheXNet
+from multichex.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

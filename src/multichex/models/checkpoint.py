@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from multichex.fileio import atomic_write
+from multichex.fileio import atomic_write, atomic_write_text
 from multichex.models.config import ModelConfig
 from multichex.models.multichexnet import MultiCheXNet
 
@@ -50,9 +50,13 @@ def write_checkpoint(
     if dtype is not None:
         header["stored_dtype"] = str(dtype).removeprefix("torch.")
     text = json.dumps(header, default=str)
-    atomic_write(path, lambda temp: save_file(tensors, temp, metadata={"multichex": text}))
+
+    def write_tensors(temp: str) -> None:
+        save_file(tensors, temp, metadata={"multichex": text})
+
+    atomic_write(path, write_tensors)
     readable = {k: v for k, v in header.items() if not k.startswith(private_keys)} if private_keys else header
-    atomic_write(path.with_suffix(".json"), lambda temp: Path(temp).write_text(json.dumps(readable, indent=2, default=str)))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(readable, indent=2, default=str))
     return path
 
 

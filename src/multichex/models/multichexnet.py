@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from multichex.models.decision import at_or_above
 from multichex.models.config import TASKS, ModelConfig
+from multichex.models.decision import at_or_above
 from multichex.models.discriminator import PairDiscriminator
 from multichex.models.encoders import get_encoder
 from multichex.models.heads.classification import CheXCls, PositiveCaseGate

@@ -79,7 +79,7 @@ class Protocol:
             missing = set(phase.sources + (phase.evaluate or [])) - keys
             if missing:
                 raise ValueError(f"phase {phase.name!r} names unknown sources {sorted(missing)}; sources are {sorted(keys)}")
-        for index, phase in enumerate(self.phases):
+        for index in range(len(self.phases)):
             self.phase_config(index)  # validate every phase's settings up front, not after an hour of training
 
     def phase_config(self, index: int) -> TrainConfig:
