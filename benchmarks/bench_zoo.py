@@ -27,7 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np
 import torch
 from bench_common import check_fingerprint, latency, least_loaded, log, machine_info, md_table, results_stem, time_calls, write_results
 from PIL import Image
@@ -36,7 +35,7 @@ from multichex.data.io import list_images
 from multichex.data.sources import bundled_sample_root
 from multichex.inference.onnx_runtime import OnnxModel, export_onnx
 from multichex.inference.predictor import Predictor, prepare_image
-from multichex.inference.quantize import calibration_images, quantize_onnx
+from multichex.inference.quantize import agreement, calibration_images, quantize_onnx
 from multichex.models.pretrained import default_model_name, load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,17 +61,6 @@ def runtimes(model: torch.nn.Module, work: Path, threads: int, calibration: torc
     quantize_onnx(model, work / "int8" / "model.onnx", calibration, "minmax")
     return {"PyTorch eager": model, "ONNX Runtime fp32": OnnxModel(work / "fp32" / "model.onnx", threads),
             "ONNX Runtime int8": OnnxModel(work / "int8" / "model.onnx", threads)}
-
-
-def agreement(reference, other, images: torch.Tensor) -> dict[str, float]:
-    """Max |Δ class probability| and mean mask Dice against PyTorch on real images (gate off: every head runs)."""
-    with torch.inference_mode():
-        a, b = reference.predict(images, use_gate=False), other.predict(images, use_gate=False)
-    dice = []
-    for x, y in zip(a.seg_probs, b.seg_probs):
-        p, q = x >= 0.5, y >= 0.5
-        dice.append(float(2 * (p & q).sum() / max(1, int(p.sum() + q.sum()))))
-    return {"max_abs_class_probability": float((a.class_probs - b.class_probs).abs().max()), "mask_dice": float(np.mean(dice))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {
                 "model_b1": latency(one.result, 1), "model_b8": latency(eight.result, 8), "end_to_end_b8": latency(e2e.result, len(paths)),
                 "foreign_cores": max(m.foreign_cores or 0.0 for m in (one, eight, e2e)),
-                "agreement": None if runtime is model else agreement(model, runtime, batch8),
+                "agreement": None if runtime is model else agreement(model, runtime, batch8),  # gate off: every head
             }
             report["runtimes"][label] = result
             agree = result["agreement"]

@@ -29,3 +29,14 @@ def dig(data: Any, *keys: str) -> Any:
             return None
         data = data[key]
     return data
+
+
+def ci_cell(value: dict | float | None) -> str:
+    """A metric for a markdown table: ``0.941 [0.914, 0.965]`` from a bootstrap interval, a bare value, or ``–``."""
+    if isinstance(value, (int, float)):
+        return f"{value:.3f}"
+    if not value or value.get("value") is None:
+        return "–"
+    if value.get("low") is None:
+        return f"{value['value']:.3f}"
+    return f"{value['value']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"

@@ -21,27 +21,16 @@ import torch
 from multichex.data.io import list_images
 from multichex.data.sources import bundled_sample_root
 from multichex.inference.predictor import prepare_image
+from multichex.inference.quantize import agreement
 from multichex.models.checkpoint import load_model, read_checkpoint, write_checkpoint
 from multichex.models.pretrained import INDEX_NAME, package_zoo, sha256_of
 
 PUBLIC_HEADER = ("gate_threshold", "class_thresholds", "train_config", "trainer")
 
 
-def agreement(reference: torch.nn.Module, copy: torch.nn.Module, size: int) -> dict[str, float]:
-    """Largest class-probability and mask-probability differences on the bundled sample images."""
-    images = torch.stack([prepare_image(path, size).tensor for path in list_images(bundled_sample_root())])
-    a = reference.predict(images, use_gate=False)
-    b = copy.predict(images, use_gate=False)
-    dice = []
-    for x, y in zip(a.seg_probs, b.seg_probs):
-        p, q = x >= 0.5, y >= 0.5
-        dice.append(float(2 * (p & q).sum() / max(1, int(p.sum() + q.sum()))))
-    return {
-        "images": len(images),
-        "max_abs_class_probability": float((a.class_probs - b.class_probs).abs().max()),
-        "max_abs_mask_probability": max(float((x - y).abs().max()) for x, y in zip(a.seg_probs, b.seg_probs)),
-        "min_mask_dice": min(dice),
-    }
+def sample_images(size: int) -> torch.Tensor:
+    """The bundled sample's X-rays, read as ``predict`` reads them."""
+    return torch.stack([prepare_image(path, size).tensor for path in list_images(bundled_sample_root())])
 
 
 def main() -> int:
@@ -67,7 +56,8 @@ def main() -> int:
     extra["published_from"] = {"checkpoint": str(args.checkpoint), "sha256": sha256_of(args.checkpoint)}
     write_checkpoint(target, model, extra, dtype=torch.float16)
     copy, _ = load_model(target)
-    measured = agreement(model, copy, model.config.image_size)
+    with torch.inference_mode():
+        measured = agreement(model, copy, sample_images(model.config.image_size))
     print(json.dumps(measured))
     if measured["max_abs_class_probability"] > args.tolerance or measured["min_mask_dice"] < args.min_mask_dice:
         print(f"fp16 copy disagrees with fp32 (class probabilities beyond {args.tolerance} or a mask Dice under "

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import REPO, dig, run  # noqa: E402
+from common import REPO, ci_cell, dig, run  # noqa: E402
 
 NAME = "multichex-lite-256"
 SPLIT = REPO / "experiments" / "zoo" / NAME / "split.json"
@@ -46,23 +46,13 @@ def evaluate(sources: list[str], tasks: str, part: str, out: Path) -> dict:
     return metrics
 
 
-def cell(value: dict | float | None) -> str:
-    if isinstance(value, (int, float)):
-        return f"{value:.3f}"
-    if not value or value.get("value") is None:
-        return "–"
-    if value.get("low") is None:
-        return f"{value['value']:.3f}"
-    return f"{value['value']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
-
-
 def head_table(results: dict) -> str:
     """Rows per evaluation: lung Dice, HD95, macro AUROC, gate AUROC, mAP@0.5 (95% CI), images."""
     lines = ["| test set | images | lung Dice | lung HD95 (px at 256) | macro AUROC | gate AUROC | mAP@0.5 |", "|---|---|---|---|---|---|---|"]
     for name, m in results.items():
         n = max(dig(m, "classification", "n_images") or 0, dig(m, "segmentation", "n_images") or 0, dig(m, "detection", "n_images") or 0)
-        lines.append(f"| {name} | {n} | {cell(dig(m, 'segmentation', 'dice'))} | {cell(dig(m, 'segmentation', 'hd95'))} | "
-                     f"{cell(dig(m, 'classification', 'macro_auroc'))} | {cell(dig(m, 'gate', 'auroc'))} | {cell(dig(m, 'detection', 'map'))} |")
+        lines.append(f"| {name} | {n} | {ci_cell(dig(m, 'segmentation', 'dice'))} | {ci_cell(dig(m, 'segmentation', 'hd95'))} | "
+                     f"{ci_cell(dig(m, 'classification', 'macro_auroc'))} | {ci_cell(dig(m, 'gate', 'auroc'))} | {ci_cell(dig(m, 'detection', 'map'))} |")
     return "\n".join(lines)
 
 
@@ -72,8 +62,8 @@ def class_table(metrics: dict) -> str:
     per_class = dig(metrics, "classification", "per_class") or {}
     intervals = dig(metrics, "classification", "auroc_intervals") or {}
     for name, row in per_class.items():
-        lines.append(f"| {name} | {cell(intervals.get(name) or row.get('auroc'))} | {row.get('n_positive')} / {row.get('n_known')} | "
-                     f"{cell(row.get('f1'))} |")
+        lines.append(f"| {name} | {ci_cell(intervals.get(name) or row.get('auroc'))} | {row.get('n_positive')} / {row.get('n_known')} | "
+                     f"{ci_cell(row.get('f1'))} |")
     return "\n".join(lines)
 
 
@@ -82,7 +72,7 @@ def box_table(metrics: dict) -> str:
     per_class = dig(metrics, "detection", "per_class") or {}
     n_gt = dig(metrics, "detection", "n_gt") or {}
     lines = ["| box class | AP@0.5 | boxes |", "|---|---|---|"]
-    lines += [f"| {name} | {cell(value)} | {n_gt.get(name, 0)} |" for name, value in per_class.items()]
+    lines += [f"| {name} | {ci_cell(value)} | {n_gt.get(name, 0)} |" for name, value in per_class.items()]
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import REPO, dig, run  # noqa: E402
+from common import REPO, ci_cell, dig, run  # noqa: E402
 
 RECIPE = REPO / "configs" / "zoo" / "multichex-lite-256.yaml"
 POLISH = REPO / "configs" / "zoo" / "multichex-lite-256-polish.yaml"
@@ -90,15 +90,6 @@ def run_one(institution: str) -> dict:
     return record
 
 
-def _cell(value: dict | float | None) -> str:
-    if isinstance(value, (int, float)):
-        return f"{value:.3f}"
-    if not value or value.get("value") is None:
-        return "–"
-    low, high = value.get("low"), value.get("high")
-    return f"{value['value']:.3f} [{low:.3f}, {high:.3f}]" if low is not None else f"{value['value']:.3f}"
-
-
 def table() -> str:
     """Markdown rows: held-out institution, lung Dice, HD95, Pneumonia / COVID-19 / macro AUROC, gate AUROC, mAP."""
     lines = ["| left out (tested on) | trained on | lung Dice | HD95 px | macro AUROC | Pneumonia AUROC | gate AUROC | mAP@0.5 |",
@@ -112,10 +103,10 @@ def table() -> str:
         m = record["metrics"]
         lines.append("| " + " | ".join([
             f"{institution} ({', '.join(HELD_OUT[institution][1])})", ", ".join(record["trained_on"]),
-            _cell(dig(m, "segmentation", "dice")), _cell(dig(m, "segmentation", "hd95")),
-            _cell(dig(m, "classification", "macro_auroc")),
-            _cell(dig(m, "classification", "auroc_intervals", "Pneumonia") or dig(m, "classification", "per_class", "Pneumonia", "auroc")),
-            _cell(dig(m, "gate", "auroc")), _cell(dig(m, "detection", "map")),
+            ci_cell(dig(m, "segmentation", "dice")), ci_cell(dig(m, "segmentation", "hd95")),
+            ci_cell(dig(m, "classification", "macro_auroc")),
+            ci_cell(dig(m, "classification", "auroc_intervals", "Pneumonia") or dig(m, "classification", "per_class", "Pneumonia", "auroc")),
+            ci_cell(dig(m, "gate", "auroc")), ci_cell(dig(m, "detection", "map")),
         ]) + " |")
     return "\n".join(lines) + "\n"
 

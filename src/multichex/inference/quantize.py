@@ -97,12 +97,13 @@ def agreement(reference: MultiCheXNet | OnnxModel, candidate: MultiCheXNet | Onn
     """How closely ``candidate`` reproduces ``reference`` on ``images`` (every head run, gate off).
 
     Class probabilities (max and mean absolute difference), decisions at the model's class thresholds and
-    gate threshold (share of equal decisions), masks (mean Dice of the thresholded masks; 1 when both
-    are empty) and the number of boxes (share of images with the same count).
+    gate threshold (share of equal decisions), masks (mean and lowest Dice of the thresholded masks; 1 when
+    both are empty; largest absolute difference of the mask probabilities) and the number of boxes (share
+    of images with the same count).
     """
     config = reference.config
     thresholds = torch.tensor(config.class_thresholds or [0.5] * len(config.class_names))
-    diffs, decisions, gates, dices, box_counts = [], [], [], [], []
+    diffs, decisions, gates, dices, box_counts, mask_diffs = [], [], [], [], [], []
     for start in range(0, len(images), batch):
         x = images[start : start + batch]
         a, b = reference.predict(x, use_gate=False), candidate.predict(x, use_gate=False)
@@ -111,6 +112,7 @@ def agreement(reference: MultiCheXNet | OnnxModel, candidate: MultiCheXNet | Onn
         gates.append((a.gate_positive == b.gate_positive).float())
         for seg_a, seg_b, det_a, det_b in zip(a.seg_probs, b.seg_probs, a.detections, b.detections):
             if seg_a is not None and seg_b is not None:
+                mask_diffs.append(float((seg_a - seg_b).abs().max()))
                 mask_a, mask_b = seg_a >= mask_threshold, seg_b >= mask_threshold
                 total = int(mask_a.sum() + mask_b.sum())
                 dices.append(1.0 if total == 0 else 2 * float((mask_a & mask_b).sum()) / total)
@@ -124,6 +126,8 @@ def agreement(reference: MultiCheXNet | OnnxModel, candidate: MultiCheXNet | Onn
         "same_class_decisions": float(torch.cat(decisions).mean()),
         "same_gate_decisions": float(torch.cat(gates).mean()),
         "mask_dice": float(np.mean(dices)) if dices else float("nan"),
+        "min_mask_dice": float(np.min(dices)) if dices else float("nan"),
+        "max_abs_mask_probability": max(mask_diffs) if mask_diffs else float("nan"),
         "same_box_count": float(np.mean(box_counts)) if box_counts else float("nan"),
     }
 

@@ -65,14 +65,9 @@ def jaccard_per_image(pred: torch.Tensor, target: torch.Tensor, dice: torch.Tens
     return d / (2.0 - d)
 
 
-def average_hausdorff_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Average Hausdorff distance per image, in pixels: MONAI's symmetric average surface distance.
-
-    The boundary pixels of each mask are found by MONAI (mask minus its erosion); the value is the
-    mean of the Euclidean distances from every boundary pixel of one mask to the nearest boundary
-    pixel of the other, pooled over both directions. Both masks empty → 0; exactly one empty →
-    NaN (undefined; skipped by ``np.nanmean`` and by the summaries).
-    """
+def _surface_distance_per_image(pred: torch.Tensor, target: torch.Tensor, compute) -> torch.Tensor:
+    """``compute(pred, target)`` (a MONAI surface distance) for the images where both masks have pixels;
+    0 where both are empty, NaN where exactly one is (undefined; skipped by ``np.nanmean`` and the summaries)."""
     pred_b, target_b = _binary_pair(pred, target)
     pred_any = pred_b.flatten(1).any(1)
     target_any = target_b.flatten(1).any(1)
@@ -82,9 +77,20 @@ def average_hausdorff_per_image(pred: torch.Tensor, target: torch.Tensor) -> tor
     if both.any():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated internal argument
-            asd = compute_average_surface_distance(pred_b[both].float(), target_b[both].float(), include_background=True, symmetric=True)
-        out[both] = asd.reshape(-1).float()
+            out[both] = compute(pred_b[both].float(), target_b[both].float()).reshape(-1).float()
     return out
+
+
+def average_hausdorff_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Average Hausdorff distance per image, in pixels: MONAI's symmetric average surface distance.
+
+    The boundary pixels of each mask are found by MONAI (mask minus its erosion); the value is the
+    mean of the Euclidean distances from every boundary pixel of one mask to the nearest boundary
+    pixel of the other, pooled over both directions. Both masks empty → 0; exactly one empty →
+    NaN (undefined; skipped by ``np.nanmean`` and by the summaries).
+    """
+    return _surface_distance_per_image(
+        pred, target, lambda p, t: compute_average_surface_distance(p, t, include_background=True, symmetric=True))
 
 
 def hausdorff95_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -93,18 +99,8 @@ def hausdorff95_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
     The 95th percentile of the boundary-to-boundary distances in both directions (robust to a few stray
     pixels, unlike the maximum). Both masks empty → 0; exactly one empty → NaN (undefined, skipped).
     """
-    pred_b, target_b = _binary_pair(pred, target)
-    pred_any = pred_b.flatten(1).any(1)
-    target_any = target_b.flatten(1).any(1)
-    out = torch.full((pred_b.shape[0],), float("nan"))
-    out[~pred_any & ~target_any] = 0.0
-    both = pred_any & target_any
-    if both.any():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            hd = compute_hausdorff_distance(pred_b[both].float(), target_b[both].float(), include_background=True, percentile=95)
-        out[both] = hd.reshape(-1).float()
-    return out
+    return _surface_distance_per_image(
+        pred, target, lambda p, t: compute_hausdorff_distance(p, t, include_background=True, percentile=95))
 
 
 def ssim_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
