@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import io
 import logging
 import re
 import sys
@@ -17,7 +16,6 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,25 +72,8 @@ def bounded(fn: Callable[[], Any], timeout: float = 30.0) -> Any:
     return box["value"]
 
 
-@contextmanager
-def console_log(level: int) -> Iterator[io.StringIO]:
-    """What a terminal shows at ``level``: a plain handler on the root logger, as ``multichex`` sets up."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(level)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
-
-
 @pytest.fixture(autouse=True)
-def no_traceback_at_default_level() -> Iterator[None]:
+def no_traceback_at_default_level(console_log) -> Iterator[None]:
     """Every bad input of this run shows, at the default level (INFO), our one-line reason and no traceback."""
     with console_log(logging.INFO) as stream:
         yield
@@ -209,7 +190,7 @@ def _read_errors_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_predict_files_skips_bad_images(corpus, predictor, tmp_path):
+def test_predict_files_skips_bad_images(corpus, predictor, tmp_path, console_log):
     root, cases = corpus
     images = [c for c in cases if c.kind == "image"]
     good = root / "good.png"

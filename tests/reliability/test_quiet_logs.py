@@ -3,10 +3,7 @@ error in ``predict`` and in the ``serve`` log, while pydicom's own tracebacks ap
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +21,6 @@ from multichex.serve import create_app
 REASON = "cannot decode DICOM pixel data (JPEG 2000"
 
 
-@contextmanager
-def console_log(level: int) -> Iterator[io.StringIO]:
-    """What a terminal shows at ``level``: a plain handler on the root logger, as ``multichex`` sets up."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(level)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
-
-
 @pytest.fixture
 def j2k_junk(tmp_path, dicom_factory) -> Path:
     """A DICOM declaring JPEG 2000 Lossless whose encapsulated pixel data is junk (every decoder plugin fails)."""
@@ -54,7 +34,7 @@ def predictor() -> Predictor:
     return Predictor(MultiCheXNet(ModelConfig(encoder="lite-small", image_size=32)).eval())
 
 
-def test_read_image_logs_nothing_at_info(j2k_junk, caplog, capfd):
+def test_read_image_logs_nothing_at_info(j2k_junk, console_log, caplog, capfd):
     caplog.set_level(logging.INFO)
     with console_log(logging.INFO) as console, pytest.raises(ImageReadError) as info:
         read_image(j2k_junk)
@@ -64,7 +44,7 @@ def test_read_image_logs_nothing_at_info(j2k_junk, caplog, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_predict_shows_one_line_and_no_traceback(j2k_junk, predictor, tmp_path, caplog, capfd):
+def test_predict_shows_one_line_and_no_traceback(j2k_junk, console_log, predictor, tmp_path, caplog, capfd):
     caplog.set_level(logging.INFO)
     with console_log(logging.INFO) as console:
         records, errors = predict_files(predictor, [j2k_junk], tmp_path / "out", progress=False)
@@ -76,7 +56,7 @@ def test_predict_shows_one_line_and_no_traceback(j2k_junk, predictor, tmp_path, 
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_serve_log_has_no_traceback(j2k_junk, predictor, caplog, capfd):
+def test_serve_log_has_no_traceback(j2k_junk, console_log, predictor, caplog, capfd):
     caplog.set_level(logging.INFO)
     with console_log(logging.INFO) as console, TestClient(create_app(predictor)) as client:
         response = client.post("/predict", files={"file": ("scan.dcm", j2k_junk.read_bytes(), "application/dicom")})
@@ -90,7 +70,7 @@ def test_serve_log_has_no_traceback(j2k_junk, predictor, caplog, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_debug_level_still_shows_the_decoder_details(j2k_junk):
+def test_debug_level_still_shows_the_decoder_details(j2k_junk, console_log):
     """With ``-v`` (DEBUG) pydicom's records come through, demoted to DEBUG, traceback included."""
     with console_log(logging.DEBUG) as console, pytest.raises(ImageReadError):
         read_image(j2k_junk)
