@@ -17,6 +17,30 @@ CHECKPOINT_HELP = ("Checkpoint (.safetensors) or a registered model name (`multi
                    "left out: the default model.")
 
 
+def device_option(default: str | None = "auto", extra: str = "") -> Any:
+    """The ``--device`` option every command that computes takes (one vocabulary: :mod:`multichex.device`)."""
+    from multichex.device import DEVICE_HELP
+
+    return typer.Option(default, "--device", help=DEVICE_HELP + (" " + extra if extra else ""))
+
+
+def precision_option(default: str | None = "auto", extra: str = "") -> Any:
+    """The ``--precision`` option (fp32 / bf16 / fp16; ``auto``: bf16 on CUDA that supports it, else fp32)."""
+    from multichex.device import PRECISION_HELP
+
+    return typer.Option(default, "--precision", help=PRECISION_HELP + (" " + extra if extra else ""))
+
+
+def checked_device(spec: str | None) -> Any:
+    """The device ``spec`` names, or a one-line refusal (e.g. ``--device cuda`` on a machine without CUDA)."""
+    from multichex.device import resolve_device
+
+    try:
+        return resolve_device(spec)
+    except ValueError as error:
+        refuse(str(error))
+
+
 VERBOSE = {"on": False}  # set by the app's ``-v`` option before any command runs
 
 

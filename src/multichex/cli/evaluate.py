@@ -10,7 +10,10 @@ import typer
 
 from multichex.cli.common import (
     CHECKPOINT_HELP,
+    checked_device,
     checkpoint_path,
+    device_option,
+    precision_option,
     parse_source,
     print_metrics,
     refuse,
@@ -40,6 +43,8 @@ def evaluate(
     bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, help="Bootstrap resamples (patients) for the 95% CIs of every head; 0 disables."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     tasks: str = typer.Option("cls,gate,seg,det", help="Comma-separated labels to score (others are ignored), e.g. seg."),
+    device: str = device_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Per-head metrics with patient-bootstrap 95% CIs on the given data; writes metrics.json and report.md.
 
@@ -53,9 +58,16 @@ def evaluate(
     from multichex.training.config import TrainConfig
     from multichex.training.data import build_datasets
 
+    from multichex.device import resolve_precision
+
     setup_logging()
+    where = checked_device(device)
+    try:
+        arithmetic = resolve_precision(precision, where)
+    except ValueError as error:
+        refuse(str(error))
     checkpoint_file = checkpoint_path(checkpoint)
-    model, header = load_model(checkpoint_file)
+    model, header = load_model(checkpoint_file, map_location=where)
     chosen = [t.strip() for t in tasks.split(",") if t.strip()]
     if not chosen or set(chosen) - {"cls", "gate", "seg", "det"}:
         raise typer.BadParameter(f"--tasks takes cls, gate, seg, det; got {tasks!r}")
@@ -72,7 +84,7 @@ def evaluate(
         refuse(str(error))
     if not datasets:
         raise typer.BadParameter(f"no images in part {part!r} of the given sources")
-    metrics = evaluate_datasets(model, datasets, bootstrap=bootstrap, seed=seed)
+    metrics = evaluate_datasets(model, datasets, bootstrap=bootstrap, seed=seed, precision=arithmetic)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_markdown_report(out / "report.md", metrics, [], f"multichex evaluate: {checkpoint_file.name}")

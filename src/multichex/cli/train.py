@@ -11,9 +11,12 @@ import typer
 
 from multichex import CLINICAL_DISCLAIMER
 from multichex.cli.common import (
+    checked_device,
     checkpoint_path,
     console,
+    device_option,
     parse_source,
+    precision_option,
     print_metrics,
     refuse,
     setup_logging,
@@ -50,6 +53,8 @@ def train(
     resume: bool = typer.Option(False, help="Continue an interrupted run (a protocol skips its finished phases)."),
     smoke: bool = typer.Option(False, help="Protocols: run every phase at toy size (64 px, 2 steps, 12 images per source) to check the file."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    device: str | None = device_option(None, "Default: the config's `device` (auto)."),
+    precision: str | None = precision_option(None, "Default: the config's `precision` (auto)."),
 ) -> None:
     """Train from a YAML config; writes checkpoints, log.csv, split.json, config.json and test metrics.
 
@@ -76,6 +81,11 @@ def train(
         overrides["out_dir"] = str(out)
     if seed is not None:
         overrides["seed"] = seed
+    if device is not None:
+        checked_device(device)
+        overrides["device"] = device
+    if precision is not None:
+        overrides["precision"] = precision
     try:
         protocol = load_protocol(config_path, overrides) if is_protocol(config_path) else None
         config = load_config(config_path, overrides) if protocol is None and not smoke else None
@@ -120,6 +130,8 @@ def transfer(
     image_size: int = typer.Option(256, help="Image size for --from scratch (a checkpoint brings its own)."),
     bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, help="Bootstrap resamples (patients) for the 95% CIs of every head."),
     progress: bool = typer.Option(False, help="Show progress bars."),
+    device: str = device_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Transfer the classifier to new classes (§3.9): keep θ_enc and θ_feats, train a fresh θ_dec; few-shot curve."""
     from multichex.models.checkpoint import read_checkpoint
@@ -128,6 +140,7 @@ def transfer(
     from multichex.training.transfer import parse_shots, run_transfer
 
     setup_logging()
+    checked_device(device)
     names = [c.strip() for c in classes.split(",") if c.strip()]
     try:
         shot_list = parse_shots(shots)
@@ -142,7 +155,7 @@ def transfer(
     config = TrainConfig(
         model=model, sources=[parse_source(s) for s in data], seed=seed, out_dir=str(out),
         split={"train": 0.6, "val": 0.2, "test": 0.2}, epochs=epochs, steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size, lr=lr, warmup_steps=5, augment={"enabled": True, "hflip_p": 0.0, "rotate_deg": 7.0, "translate": 0.05},
+        batch_size=batch_size, lr=lr, warmup_steps=5, device=device, precision=precision, augment={"enabled": True, "hflip_p": 0.0, "rotate_deg": 7.0, "translate": 0.05},
     )
     results = run_transfer(config, checkpoint, shot_list, fine_tune=fine_tune, bootstrap=bootstrap, progress=progress)
     console.print((out / "transfer.md").read_text())

@@ -11,8 +11,12 @@ import typer
 from multichex import CLINICAL_DISCLAIMER
 from multichex.cli.common import (
     CHECKPOINT_HELP,
+    checked_device,
     checkpoint_path,
     console,
+    device_option,
+    precision_option,
+    refuse,
     setup_logging,
 )
 
@@ -26,6 +30,8 @@ def export(
     calibration: list[Path] = typer.Option(None, help="int8: X-ray files or folders to calibrate on (default: the bundled sample)."),
     calibration_images: int = typer.Option(64, min=1, help="int8: at most this many calibration images, spread over the files."),
     calibration_method: str = typer.Option("minmax", help="int8: activation range estimate: minmax, percentile or entropy."),
+    device: str = device_option("auto", "Export always traces on the CPU (ONNX Runtime runs there); this is where the "
+                                "PyTorch reference of --check runs."),
 ) -> None:
     """Export to ONNX: an encoder+classifier+gate graph and one graph per gated head (the gate can still skip heads)."""
     from multichex.inference.onnx_runtime import OnnxModel, export_onnx
@@ -44,7 +50,8 @@ def export(
         import torch
 
         images = torch.rand(3, 1, model.config.image_size, model.config.image_size)
-        expected = model.predict(images, use_gate=False)
+        reference = checked_device(device)
+        expected = model.to(reference).predict(images.to(reference), use_gate=False).to_cpu()  # fp32, like the export
         got = OnnxModel(out).predict(images, use_gate=False)
         difference = float((expected.class_probs - got.class_probs).abs().max())
         seg = max(float((a - b).abs().max()) for a, b in zip(expected.seg_probs, got.seg_probs))
@@ -96,6 +103,8 @@ def predict(
     resume: bool = typer.Option(True, "--resume/--overwrite", help="Skip images whose outputs are already in OUT (restart after an interruption)."),
     explain: bool = typer.Option(False, help="Also write a Grad-CAM heat map per predicted finding (PyTorch runtime only)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    device: str = device_option("auto", "ONNX Runtime (--runtime onnx) runs on the CPU."),
+    precision: str = precision_option("auto", "PyTorch runtime only."),
 ) -> None:
     """Per image: <name>.json, <name>_mask.png (original size) and <name>_overlay.png; predictions.csv for all."""
     from multichex.data.io import list_images
@@ -116,7 +125,10 @@ def predict(
             from multichex.inference.export_cache import cached_export
 
             model_file = cached_export(model_file)
-        predictor = Predictor.from_checkpoint(model_file, runtime=runtime, use_gate=gate, score_threshold=score_threshold, explain=explain)
+        if runtime == "onnx" and device == "auto":
+            device = "cpu"
+        predictor = Predictor.from_checkpoint(model_file, runtime=runtime, use_gate=gate, score_threshold=score_threshold, explain=explain,
+                                              device=device, precision=precision)
     except (ValueError, FileNotFoundError, TypeError) as error:
         raise typer.BadParameter(str(error)) from error
     records, errors = predict_files(predictor, files, out, batch_size=batch_size, progress=progress, resume=resume)
@@ -134,6 +146,8 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, min=0.001, help="Largest accepted upload in MiB."),
     gate: bool = typer.Option(True, "--gate/--no-gate", help="Run gated heads only on gate-positive images."),
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM heat maps for the predicted findings."),
+    device: str = device_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Local web app: upload a chest X-ray, see overlay, heat map, gate and class probabilities (docs/serve.md)."""
     import uvicorn
@@ -144,7 +158,10 @@ def serve(
     setup_logging()
     if host not in {"127.0.0.1", "localhost", "::1"}:
         console.print(f"[bold red]warning:[/bold red] binding {host}: the app has no authentication; do not expose it.")
-    predictor = Predictor.from_checkpoint(checkpoint_path(checkpoint), use_gate=gate, explain=explain)
+    try:
+        predictor = Predictor.from_checkpoint(checkpoint_path(checkpoint), use_gate=gate, explain=explain, device=device, precision=precision)
+    except ValueError as error:
+        refuse(str(error))
     web_app = create_app(predictor, max_upload_bytes=int(max_upload_mb * 2**20), workers=workers)
     console.print(f"[bold]multichex serve[/bold] on http://{host}:{port} — {CLINICAL_DISCLAIMER}")
     uvicorn.run(web_app, host=host, port=port)

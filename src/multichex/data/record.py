@@ -6,6 +6,7 @@ gate label) and is masked out of every loss and metric, never replaced by a gues
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,16 +99,25 @@ class CXRBatch:
             meta=[self.meta[i] for i in rows],
         )
 
-    def to(self, device: torch.device | str) -> "CXRBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CXRBatch":
+        """The batch's tensors on ``device`` (``non_blocking``: asynchronous copies from pinned memory)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "CXRBatch":
+        """The batch in page-locked memory (DataLoader's ``pin_memory=True`` calls this), for fast, asynchronous
+        copies to a GPU."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, move: Callable[[torch.Tensor], torch.Tensor]) -> "CXRBatch":
         return CXRBatch(
-            images=self.images.to(device),
-            labels=self.labels.to(device),
-            positive=self.positive.to(device),
-            masks=self.masks.to(device),
-            has_mask=self.has_mask.to(device),
-            boxes=[b.to(device) for b in self.boxes],
-            box_labels=[b.to(device) for b in self.box_labels],
-            has_boxes=self.has_boxes.to(device),
+            images=move(self.images),
+            labels=move(self.labels),
+            positive=move(self.positive),
+            masks=move(self.masks),
+            has_mask=move(self.has_mask),
+            boxes=[move(b) for b in self.boxes],
+            box_labels=[move(b) for b in self.box_labels],
+            has_boxes=move(self.has_boxes),
             meta=self.meta,
         )
 

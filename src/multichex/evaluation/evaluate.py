@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from multichex.data.record import collate_samples
 from multichex.data.sources import CXRDataset
+from multichex.device import autocast, module_device, to_cpu_float
 from multichex.evaluation.bootstrap import DEFAULT_BOOTSTRAP, bootstrap_ci, bootstrap_statistic, bootstrap_statistics
 from multichex.evaluation.metrics import (
     ClassificationMetric,
@@ -103,15 +104,22 @@ def _shard(dataset: CXRDataset, rank: int, world: int) -> Dataset:
     return dataset if world == 1 else Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
 
 
-def feed(model: MultiCheXNet, dataset: Dataset, metrics: PassMetrics, batch_size: int = 16, seg_threshold: float = 0.5) -> None:
-    """One ungated pass of every head over ``dataset``, batch by batch into ``metrics`` (model in eval mode)."""
+def feed(model: MultiCheXNet, dataset: Dataset, metrics: PassMetrics, batch_size: int = 16, seg_threshold: float = 0.5,
+         precision: str = "fp32") -> None:
+    """One ungated pass of every head over ``dataset``, batch by batch into ``metrics`` (model in eval mode).
+
+    The network runs on its own device in ``precision``; its outputs come back to the CPU as float32, where
+    the metrics accumulate (and boxes are decoded) batch by batch."""
     size = model.config.image_size
+    device = module_device(model)
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
         if batch is None:
             continue
         patients = [m["patient_id"] for m in batch.meta]
         tasks = ["cls", "gate"] + (["seg"] if batch.has_mask.any() else []) + (["det"] if batch.has_boxes.any() else [])
-        outputs = model(batch.images, tasks)
+        with autocast(device, precision):
+            outputs = model(batch.images.to(device, non_blocking=True), tasks)
+        outputs = {key: to_cpu_float(value) for key, value in outputs.items()}
         metrics.classification(model.class_probabilities(outputs["cls"]), batch.labels, patients)
         gate_probs = model.gate_probability(outputs)
         metrics.gate(gate_probs, batch.positive, patients)
@@ -130,13 +138,14 @@ def feed(model: MultiCheXNet, dataset: Dataset, metrics: PassMetrics, batch_size
 
 @torch.inference_mode()
 def collect(model: MultiCheXNet, datasets: dict[str, CXRDataset], batch_size: int = 16, seg_threshold: float = 0.5,
-            surface_metrics: bool = True, distributed: bool = False) -> Collected:
+            surface_metrics: bool = True, distributed: bool = False, precision: str = "fp32") -> Collected:
     """One ungated pass of every head over every image (head quality is measured without the gate).
 
     ``surface_metrics=False`` skips the average Hausdorff distance and SSIM (Dice and Jaccard only): the
     distance transforms cost more than the forward pass on small validation sets, epoch after epoch.
     ``distributed``: under ``torchrun``, every rank (each must call this) scores a contiguous share of each
-    data set and gets every rank's images back, in the single-process order.
+    data set and gets every rank's images back, in the single-process order. ``precision``: the forward's
+    arithmetic (:mod:`multichex.device`), on the model's device.
     """
     was_training = model.training
     model.eval()
@@ -144,7 +153,7 @@ def collect(model: MultiCheXNet, datasets: dict[str, CXRDataset], batch_size: in
     parts = []
     for dataset in datasets.values():
         metrics = PassMetrics.for_model(model.config, surface_metrics)
-        feed(model, _shard(dataset, rank, world), metrics, batch_size, seg_threshold)
+        feed(model, _shard(dataset, rank, world), metrics, batch_size, seg_threshold, precision)
         parts.append(metrics.collected(distributed))
     model.train(was_training)
     return Collected.merge(parts)
@@ -287,6 +296,7 @@ def evaluate_datasets(
     per_source: bool = False,
     surface_metrics: bool = True,
     distributed: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Collect and summarise in one call; with ``per_source``, also each data set alone under ``"per_source"``
     (``surface_metrics``, ``distributed``: see :func:`collect`; with ``distributed`` every rank gets the metrics)."""
@@ -294,9 +304,10 @@ def evaluate_datasets(
     names = config.class_names, config.box_classes
     points = {"class_thresholds": config.class_thresholds, "gate_threshold": config.gate.threshold, "gated_heads": config.gate.gated_heads}
     if not per_source:
-        collected = collect(model, datasets, batch_size, surface_metrics=surface_metrics, distributed=distributed)
+        collected = collect(model, datasets, batch_size, surface_metrics=surface_metrics, distributed=distributed, precision=precision)
         return summarize(collected, *names, bootstrap, seed, **points)
-    parts = {key: collect(model, {key: dataset}, batch_size, surface_metrics=surface_metrics, distributed=distributed) for key, dataset in datasets.items()}
+    parts = {key: collect(model, {key: dataset}, batch_size, surface_metrics=surface_metrics, distributed=distributed, precision=precision)
+             for key, dataset in datasets.items()}
     metrics = summarize(Collected.merge(list(parts.values())), *names, bootstrap, seed, **points)
     metrics["per_source"] = {key: summarize(part, *names, bootstrap, seed, **points) for key, part in parts.items()}
     return metrics

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from multichex.data.transforms import Letterbox
+from multichex.device import module_device
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.models.saliency import saliency_maps
 
@@ -59,19 +60,21 @@ class GradCamExplainer:
         self.lock = threading.Lock()
 
     def maps(self, image: torch.Tensor, class_indices: list[int]) -> dict[int, np.ndarray]:
-        """``image``: ``1×S×S`` in [0, 1]; returns class index → heat map at the network input size."""
+        """``image``: ``1×S×S`` in [0, 1]; returns class index → heat map at the network input size (computed
+        on the model's device, in fp32)."""
+        image = image.to(module_device(self.model))
         if self.model.config.saliency_bridge:
             with self.lock:
                 batch = image[None].expand(len(class_indices), *image.shape)
                 heats = saliency_maps(self.model, batch, torch.tensor(class_indices, dtype=torch.long))
-            return {index: heat[0].numpy() for index, heat in zip(class_indices, heats)}
+            return {index: heat[0].float().cpu().numpy() for index, heat in zip(class_indices, heats)}
         result = {}
         with self.lock, torch.enable_grad():
             was_training = self.model.training
             self.model.eval()
             batch = image[None].detach().clone().requires_grad_(True)
             for index in class_indices:
-                heat = self.cam(batch, class_idx=index)[0, 0].detach().float().numpy()
+                heat = self.cam(batch, class_idx=index)[0, 0].detach().float().cpu().numpy()
                 result[index] = np.nan_to_num(heat, nan=0.0).clip(0.0, 1.0)
             self.model.zero_grad(set_to_none=True)  # the backward passes leave gradients on the weights
             self.model.train(was_training)

@@ -31,6 +31,7 @@ from PIL import Image
 from multichex import CLINICAL_DISCLAIMER
 from multichex.data.io import ImageReadError, LoadedImage, read_image, to_uint8
 from multichex.data.transforms import Letterbox, normalize_intensity
+from multichex.device import autocast, resolve_device, resolve_precision
 from multichex.evaluation.overlay import render_overlay
 from multichex.fileio import atomic_write_bytes, atomic_write_text
 from multichex.inference.explain import GradCamExplainer, heatmap_overlay
@@ -67,9 +68,19 @@ class Predictor:
 
     def __init__(
         self, model: "MultiCheXNet | OnnxModel", use_gate: bool = True, score_threshold: float = 0.25, mask_threshold: float = 0.5,
-        explain: bool = False,
+        explain: bool = False, device: str | torch.device | None = "auto", precision: str | None = "auto",
     ) -> None:
-        """``explain``: also a Grad-CAM heat map per predicted finding (or for the top class when none is predicted)."""
+        """``explain``: also a Grad-CAM heat map per predicted finding (or for the top class when none is predicted).
+        ``device`` / ``precision`` (:mod:`multichex.device`): where the PyTorch model runs and in which arithmetic;
+        an ONNX Runtime model runs on the CPU in its own precision. Results always come back to the CPU."""
+        if isinstance(model, OnnxModel):
+            if device not in (None, "auto", "cpu") and str(device) != "cpu":
+                raise ValueError(f"device {device}: the ONNX runtime runs on the CPU here; use --runtime torch for a GPU")
+            self.device, self.precision = torch.device("cpu"), "fp32"
+        else:
+            self.device = resolve_device(device)
+            self.precision = resolve_precision(precision, self.device)
+            model = model.to(self.device)
         self.model = model.eval()
         self.use_gate = use_gate
         self.score_threshold = score_threshold
@@ -78,7 +89,8 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, runtime: str = "torch", threads: int | None = None, **kwargs: Any) -> "Predictor":
-        """A ``.safetensors`` checkpoint (PyTorch) or, with ``runtime="onnx"``, a ``multichex export`` model.onnx."""
+        """A ``.safetensors`` checkpoint (PyTorch) or, with ``runtime="onnx"``, a ``multichex export`` model.onnx.
+        ``kwargs``: those of :class:`Predictor`, e.g. ``device="cuda"``, ``precision="bf16"`` (loaded on the CPU, then moved)."""
         return cls(load_inference_model(path, runtime, threads), **kwargs)
 
     @classmethod
@@ -97,8 +109,10 @@ class Predictor:
 
     def predict_prepared(self, items: Sequence[PreparedImage]) -> list[dict[str, Any]]:
         """Results (original-image coordinates) for already prepared images, in one gated batch."""
-        images = torch.stack([item.tensor for item in items])
-        out = self.model.predict(images, use_gate=self.use_gate, score_threshold=self.score_threshold)
+        images = torch.stack([item.tensor for item in items]).to(self.device)
+        with autocast(self.device, self.precision):
+            out = self.model.predict(images, use_gate=self.use_gate, score_threshold=self.score_threshold)
+        out = out.to_cpu()
         names = self.model.config.class_names
         box_names = self.model.config.box_classes
         thresholds = self.model.config.class_thresholds or [0.5] * len(self.model.config.class_names)

@@ -17,6 +17,13 @@ if TYPE_CHECKING:
 CLS_ACTIVATIONS = ("sigmoid", "softmax")
 
 
+def float32_outputs(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The heads' raw outputs in float32. Mixed precision (bf16/fp16 autocast) ends here: every loss (BCE,
+    Dice's sums over a mask, the detector's box terms, the few-label terms) is computed in fp32, where a
+    16-bit sum over 65,536 mask pixels or a log of a tiny probability would lose the signal."""
+    return {key: value.float() for key, value in outputs.items()}
+
+
 class MultiTaskLoss:
     """Per-task losses on one batch; a task with no labels in the batch contributes no term.
 
@@ -75,6 +82,7 @@ class MultiTaskLoss:
     ) -> dict[str, torch.Tensor]:
         """``head_batches`` gives the targets of a head that ran on a sub-batch (teacher forcing)."""
         head_batches = head_batches or {}
+        outputs = float32_outputs(outputs)
         seg_batch = head_batches.get("seg", batch)
         det_batch = head_batches.get("det", batch)
         terms: dict[str, torch.Tensor | None] = {}

@@ -28,6 +28,17 @@ class GatedPrediction:
     seg_probs: list[torch.Tensor | None]  # 1×H×W each
     detections: list[Detections | None]
 
+    def to_cpu(self) -> "GatedPrediction":
+        """The prediction as float32 CPU tensors (where results are written), from any device or precision."""
+        def cpu(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.detach().cpu()
+
+        return GatedPrediction(
+            cpu(self.class_probs), cpu(self.gate_probs), cpu(self.gate_positive),
+            [None if s is None else cpu(s) for s in self.seg_probs],
+            [None if d is None else Detections(cpu(d.boxes), cpu(d.scores), cpu(d.labels)) for d in self.detections],
+        )
+
 
 class MultiCheXNet(nn.Module):
     """Shared encoder + task heads. ``forward(x, tasks)`` runs the encoder once and only the requested heads."""

@@ -53,18 +53,23 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     other_optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``path`` (.safetensors) and its ``.json`` config atomically, with the training state if given.
 
-    ``other_optimizers``: further optimisers by name (e.g. the discriminator's), saved next to ``optimizer``.
+    ``other_optimizers``: further optimisers by name (e.g. the discriminator's), saved next to ``optimizer``;
+    ``extra_tensors``: more training state (e.g. the weight average's ``ema.*``). Everything is stored from
+    CPU copies, so a checkpoint written on a GPU loads anywhere.
     """
     header = dict(extra or {})
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()}
     if optimizer is not None:
         optim_tensors, optim_info = _optimizer_tensors(optimizer)
         tensors.update(optim_tensors)
         header["optimizer"] = optim_info
         tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()  # the current device's (the run's: build_engine selects it)
     for name, other in (other_optimizers or {}).items():
         other_tensors, other_info = _optimizer_tensors(other, f"optim_{name}")
         tensors.update(other_tensors)
@@ -88,3 +93,5 @@ def restore_training_state(optimizer: torch.optim.Optimizer, header: dict[str, A
     _restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")}, header["optimizer"])
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from multichex.data.transforms import AugmentConfig
+from multichex.device import PRECISIONS
 from multichex.losses.segmentation import make_segmentation_loss
 from multichex.models.config import ModelConfig, strict_from_dict
 
@@ -148,7 +149,16 @@ class TrainConfig:
     dice_weight: float = 1.0
     giou_weight: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    num_workers: int = 0
+    # Engine (multichex.device): where and how fast the same run computes.
+    device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N | mps; --device overrides it
+    precision: str = "auto"  # auto (bf16 on CUDA that supports it, else fp32) | fp32 | bf16 | fp16 (with a GradScaler)
+    num_workers: int | str = "auto"  # loader processes: auto = cores − 1 (at most 16) with a GPU, 0 on the CPU
+    pin_memory: bool | str = "auto"  # page-locked batches for asynchronous copies: auto = on CUDA
+    persistent_workers: bool = True  # loader processes live for the whole run (not restarted every pass)
+    prefetch_factor: int = 2  # batches each loader process prepares ahead
+    compile: bool = False  # torch.compile the encoder and heads (falls back to eager, with a warning, where unsupported)
+    accumulate_steps: int = 1  # batches whose gradients add up before one optimiser step
+    ema_decay: float | None = None  # keep an exponential moving average of the weights (validated, saved as best/final)
     channels_last: bool = True
     deterministic: bool = True
     threads: int | None = None
@@ -194,9 +204,25 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        self._check_engine()
         unknown = {t for t in self.trainable if t.split(".")[0] not in MODULES}
         if unknown:
             raise ValueError(f"trainable modules must be among {MODULES} (or their sub-modules, e.g. cls.dec), got {sorted(unknown)}")
+
+    def _check_engine(self) -> None:
+        """The engine options' values (the device itself is checked where the run starts: configs travel)."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not (self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0)):
+            raise ValueError(f"num_workers must be 'auto' or a count ≥ 0, got {self.num_workers!r}")
+        if self.pin_memory not in {"auto", True, False}:
+            raise ValueError(f"pin_memory must be auto, true or false, got {self.pin_memory!r}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be ≥ 1, got {self.prefetch_factor}")
+        if self.accumulate_steps < 1:
+            raise ValueError(f"accumulate_steps must be ≥ 1, got {self.accumulate_steps}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -73,8 +73,9 @@ def train_and_evaluate(
     metrics: dict[str, Any] = {}
     evaluated = None
     if test:
-        evaluated, _ = load_model(best)
-        metrics = evaluate_datasets(evaluated, test, bootstrap=bootstrap, seed=config.seed, per_source=per_source)
+        evaluated, _ = load_model(best, map_location=trainer.engine.device)
+        metrics = evaluate_datasets(evaluated, test, bootstrap=bootstrap, seed=config.seed, per_source=per_source,
+                                    precision=trainer.engine.precision)
     if summary is not None:
         metrics.update(summary(trainer, evaluated))
     if metrics_file and metrics:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from multichex.data.record import CXRBatch
 from multichex.data.strong_augment import StrongAugment, StrongAugmentConfig
 from multichex.losses.adversarial import discriminator_loss, segmentor_adversarial_loss
+from multichex.losses.multitask import float32_outputs
 from multichex.losses.segmentation import consistency_kl
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.config import AdversarialConfig, SemiSupervisedConfig
@@ -93,11 +94,12 @@ class FewLabelObjectives:
         return self.semi is not None and self.semi.weight > 0 and bool(self._allowed(batch).any())
 
     def _allowed(self, batch: CXRBatch) -> torch.Tensor:
-        rows = torch.ones(len(batch), dtype=torch.bool)
+        device = batch.labels.device
+        rows = torch.ones(len(batch), dtype=torch.bool, device=device)
         if self.semi and self.semi.sources is not None:
-            rows = torch.tensor([m.get("source_key", m.get("dataset")) in self.semi.sources for m in batch.meta])
+            rows = torch.tensor([m.get("source_key", m.get("dataset")) in self.semi.sources for m in batch.meta], device=device)
         allowed = rows[:, None].expand_as(batch.labels)
-        return allowed & self.class_mask if self.class_mask is not None else allowed
+        return allowed & self.class_mask.to(device) if self.class_mask is not None else allowed
 
     def terms(self, model: MultiCheXNet, images: torch.Tensor, batch: CXRBatch, outputs: dict[str, torch.Tensor],
               trained: set[str], step: int = 0, seg_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -107,6 +109,7 @@ class FewLabelObjectives:
         ``seg_rows`` (B bool): the rows ``outputs["seg"]`` covers when the segmentation head ran on a
         sub-batch (teacher forcing); ``None``: every row. The segmentation terms use those rows only."""
         terms: dict[str, torch.Tensor] = {}
+        outputs = float32_outputs(outputs)
         if self.semi and self.semi.weight > 0 and "cls" in trained:
             term = self._fixmatch(model, images, batch, outputs, np.random.default_rng([self.seed, step]))
             if term is not None:
@@ -130,7 +133,7 @@ class FewLabelObjectives:
         if not (torch.isnan(batch.labels) & allowed).any():
             return None
         with torch.no_grad():
-            weak = outputs["cls"].detach() if "cls" in outputs else model.cls(model.encode(images))
+            weak = outputs["cls"].detach() if "cls" in outputs else model.cls(model.encode(images)).float()
         softmax = model.config.cls_activation == "softmax"
         pseudo = pseudo_labels(model.class_probabilities(weak), batch.labels, self.semi.threshold, softmax, allowed)
         self.counts.add("ssl_candidates", pseudo.candidates)
@@ -140,7 +143,7 @@ class FewLabelObjectives:
             return None
         strong, _, _, _ = self.strong.batch(images[rows].contiguous(), None, None, None, rng)
         channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
-        logits = model.cls(model.encode(strong.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)))
+        logits = model.cls(model.encode(strong.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))).float()
         # FixMatch: the confidence mask multiplies the per-entry loss; the sum is divided by every unlabelled
         # entry (candidate) with "all", by the confident ones only with "confident".
         if softmax:
@@ -164,8 +167,9 @@ class FewLabelObjectives:
         real_logits = model.disc(images[has], batch.masks[has].to(images.dtype)) if has.any() else images.new_zeros(0, len(self.disc_classes) + 1)
         labels = batch.labels[has][:, self.disc_classes]
         single = (labels == 1).sum(dim=1) == 1
-        real_classes = torch.where(single, (labels == 1).float().argmax(dim=1), torch.full((len(labels),), -1, dtype=torch.long))
-        fake_logits = model.disc(images, torch.sigmoid(outputs["seg"].detach()))
+        real_classes = torch.where(single, (labels == 1).float().argmax(dim=1),
+                                   torch.full((len(labels),), -1, dtype=torch.long, device=labels.device))
+        fake_logits = model.disc(images, torch.sigmoid(outputs["seg"].detach().float()))  # the adversary steps in fp32
         loss = discriminator_loss(real_logits, real_classes, fake_logits)
         self.disc_optimizer.zero_grad(set_to_none=True)
         loss.backward()

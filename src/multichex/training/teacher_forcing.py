@@ -27,7 +27,7 @@ def ground_truth_positive(batch: CXRBatch, head: str) -> torch.Tensor:
     """B bool: the image's annotation for ``head`` is not empty (a mask pixel or a box)."""
     if head == "seg":
         return batch.has_mask & (batch.masks.flatten(1).sum(dim=1) > 0)
-    return batch.has_boxes & torch.tensor([len(b) > 0 for b in batch.boxes], dtype=torch.bool)
+    return batch.has_boxes & torch.tensor([len(b) > 0 for b in batch.boxes], dtype=torch.bool, device=batch.has_boxes.device)
 
 
 @dataclass
@@ -62,7 +62,7 @@ def select_for_head(
     known = annotated(batch, head)
     positive = ground_truth_positive(batch, head)
     size = 1 if config.per == "batch" else len(batch)
-    coin = torch.from_numpy(rng.random(size) < config.p).expand(len(batch))
+    coin = torch.from_numpy(rng.random(size) < config.p).to(positive.device).expand(len(batch))
     chosen = torch.where(coin, positive, gate_passed & known)
     if counts is not None:
         from_gate = chosen & ~coin

@@ -9,6 +9,7 @@ import math
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 
 from multichex.data.samplers import AlternatingBatches, JointBatches
 from multichex.data.sources import CXRDataset
+from multichex.device import describe
 from multichex.losses.multitask import MultiTaskLoss
 from multichex.models.config import TASKS
 from multichex.models.multichexnet import MultiCheXNet
@@ -24,6 +26,7 @@ from multichex.progress import is_terminal, progress_bar
 from multichex.training import distributed
 from multichex.training.checkpoint import load_weights, read_checkpoint, restore_other_optimizer, restore_training_state, save_checkpoint
 from multichex.training.config import MODULES, TrainConfig
+from multichex.training.engine import DataWait, WeightAverage, build_engine, compile_model
 from multichex.training.semi_supervised import FewLabelObjectives, ObjectiveCounts
 from multichex.training.steps import FewLabelHooks, TrainingStep
 from multichex.training.steps.ranks import summed_forcing
@@ -62,6 +65,11 @@ class Trainer:
 
     ``progress``: a bar per epoch on a terminal; when stderr is not a terminal, one line per epoch instead;
     without ``progress``, that line goes to the log (INFO).
+
+    ``device`` (overrides ``config.device``): where the model, batches, losses and metrics live; the run's
+    precision, loader processes, compilation, accumulation and weight average come from the config (see
+    :mod:`multichex.training.engine`). Every epoch's log records the fraction of step time spent waiting
+    for data (``data_wait``).
     """
 
     def __init__(
@@ -71,15 +79,17 @@ class Trainer:
         val_sets: dict[str, CXRDataset] | None = None,
         model: MultiCheXNet | None = None,
         progress: bool = True,
+        device: str | torch.device | None = None,
     ) -> None:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.distributed = distributed.init_from_env()
+        self.engine = build_engine(config, device)
         seed_everything(config.seed, config.deterministic)  # the same on every rank: same initial weights, same RNG stream
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.model = model or MultiCheXNet(config.model)
+        self.model = (model or MultiCheXNet(config.model)).to(self.engine.device)  # built on the CPU: the same weights anywhere
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.distributed:
@@ -99,7 +109,7 @@ class Trainer:
         if config.schedule == "single" and len(train_sets) != 1:
             raise ValueError(f"schedule 'single' takes one data set, got {sorted(train_sets)}")
         schedule = JointBatches if config.schedule == "joint" else AlternatingBatches
-        self.batches = schedule(train_sets, config.batch_size, config.seed, config.num_workers, distributed.rank(), distributed.world_size())
+        self.batches = schedule(train_sets, config.batch_size, config.seed, self.engine.loader, distributed.rank(), distributed.world_size())
         self.steps_per_epoch = config.steps_per_epoch or self.batches.default_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.epoch = 0
@@ -107,7 +117,18 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.writer = _tensorboard_writer(self.out_dir) if config.tensorboard and distributed.is_main() else None
         hooks = FewLabelHooks(self.objectives) if self.objectives is not None else None
-        self.step = TrainingStep(self.model, self.loss, self.optimizer, self.scheduler, config, self.trained_tasks, hooks, self.distributed)
+        self.average = WeightAverage(self.model, config.ema_decay) if config.ema_decay else None
+        self.step = TrainingStep(self.model, self.loss, self.optimizer, self.scheduler, config, self.trained_tasks, hooks, self.distributed,
+                                 self.engine, partial(self.average.update, self.model) if self.average else None)
+        if config.compile:
+            self.step.compiled = compile_model(self.model)
+        if distributed.is_main():
+            log.info("training on %s", describe(self.engine.device, self.engine.precision))
+
+    @property
+    def evaluated_model(self) -> MultiCheXNet:
+        """What validation scores and ``best`` holds: the weight average with ``ema_decay``, else the model."""
+        return self.average.module if self.average is not None else self.model  # type: ignore[return-value]
 
     def _few_label_objectives(self) -> FewLabelObjectives | None:
         """FixMatch / consistency / adversarial objectives, when the config switches any on."""
@@ -148,7 +169,7 @@ class Trainer:
         warmup = max(1, self.config.warmup_steps)
         if step < warmup:
             return (step + 1) / warmup
-        total = max(warmup + 1, self.config.epochs * self.steps_per_epoch)
+        total = max(warmup + 1, self.config.epochs * -(-self.steps_per_epoch // self.config.accumulate_steps))
         progress = min(1.0, (step - warmup) / (total - warmup))
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -190,6 +211,10 @@ class Trainer:
         self.scheduler.last_epoch = int(state.get("global_step", self.epoch * self.steps_per_epoch))
         self.best_score = state.get("best_score")
         self.history = state.get("history", [])
+        if self.average is not None and not self.average.restore(tensors):
+            log.warning("%s has no weight average (ema.*); it restarts from the resumed weights", path)
+        if self.engine.scaler is not None and "grad_scaler" in header:
+            self.engine.scaler.load_state_dict(header["grad_scaler"])
         log.info("resumed %s at epoch %d", path, self.epoch)
 
     def _checkpoint(self, name: str, with_optimizer: bool) -> Path:
@@ -198,9 +223,16 @@ class Trainer:
         extra = {
             "train_config": self.config.to_dict(),
             "trainer": {"epoch": self.epoch, "global_step": self.scheduler.last_epoch, "best_score": self.best_score, "history": self.history},
+            "engine": self.engine.record(),
         }
         others = {"disc": self.objectives.disc_optimizer} if with_optimizer and self.objectives and self.objectives.disc_optimizer else None
-        return save_checkpoint(self.out_dir / f"{name}.safetensors", self.model, extra, self.optimizer if with_optimizer else None, others)
+        path = self.out_dir / f"{name}.safetensors"
+        if not with_optimizer:  # best / final: the weights that are scored (the average, with ema_decay)
+            return save_checkpoint(path, self.evaluated_model, extra)
+        if self.engine.scaler is not None:
+            extra["grad_scaler"] = self.engine.scaler.state_dict()
+        average = self.average.tensors() if self.average is not None else None
+        return save_checkpoint(path, self.model, extra, self.optimizer, others, average)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train for the configured epochs (or until ``max_minutes``), validating after each epoch.
@@ -211,9 +243,10 @@ class Trainer:
         budget = self.config.max_minutes * 60 if self.config.max_minutes else math.inf
         main = distributed.is_main()
         while self.epoch < self.config.epochs:
-            sums, out_of_time = self._train_epoch(start, budget, main)
+            sums, out_of_time, data_wait = self._train_epoch(start, budget, main)
+            self.step.optimizer_step()  # gradients still accumulating at the epoch's end are applied now
             self.epoch += 1
-            record: dict[str, Any] = {"epoch": self.epoch, "seconds": round(time.monotonic() - start, 1)}
+            record: dict[str, Any] = {"epoch": self.epoch, "seconds": round(time.monotonic() - start, 1), "data_wait": round(data_wait, 4)}
             record.update({f"train_{k}": float(np.mean(v)) for k, v in sums.items()})
             record.update(self._forcing_record())
             self.forcing = ForcingCounts()
@@ -221,7 +254,7 @@ class Trainer:
                 record.update(self.objectives.counts.values)
                 self.objectives.counts = ObjectiveCounts()
             if self.val_sets and main:
-                score, columns = validate(self.model, self.val_sets, self.trained_tasks)
+                score, columns = validate(self.evaluated_model, self.val_sets, self.trained_tasks, self.engine.precision)
                 record.update(columns)
                 if score is not None and (self.best_score is None or score > self.best_score):
                     self.best_score = score
@@ -250,11 +283,13 @@ class Trainer:
         distributed.barrier()
         return self.history
 
-    def _train_epoch(self, start: float, budget: float, main: bool) -> tuple[dict[str, list[float]], bool]:
-        """The steps of one epoch: each loss of each step, and whether the time budget ran out."""
+    def _train_epoch(self, start: float, budget: float, main: bool) -> tuple[dict[str, list[float]], bool, float]:
+        """The steps of one epoch: each loss of each step, whether the time budget ran out, and the fraction of
+        the epoch spent waiting for batches."""
         self._train_mode()
         sums: dict[str, list[float]] = {}
-        iterator = self.batches.epoch(self.epoch, self.steps_per_epoch)
+        wait = DataWait()
+        iterator = wait.timed(self.batches.epoch(self.epoch, self.steps_per_epoch))
         # On a terminal a live bar; elsewhere no bar at all (the epoch's line comes from _report_epoch).
         bar = progress_bar(iterator, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                            enabled=self.progress and main, leave=False, every=None)
@@ -271,7 +306,7 @@ class Trainer:
                 out_of_time = True
                 break
         bar.close()
-        return sums, out_of_time
+        return sums, out_of_time, wait.report(self.epoch + 1, self.engine.loader.num_workers) if main else wait.fraction
 
     def _report_epoch(self, record: dict[str, Any]) -> None:
         """One line per epoch where no live bar shows progress: on stderr with ``progress`` (stderr is not a
@@ -293,7 +328,7 @@ class Trainer:
         """Choose the gate threshold and/or per-class thresholds of the ``best`` weights on the validation
         images and store them in that checkpoint's model config (and this model's), so inference,
         evaluation and teacher forcing use them."""
-        return select_operating_points(self.model, self.out_dir / "best.safetensors", self.val_sets, self.config)
+        return select_operating_points(self.model, self.out_dir / "best.safetensors", self.val_sets, self.config, self.engine.precision)
 
     def _write_log(self) -> None:
         if not distributed.is_main():

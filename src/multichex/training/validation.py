@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from multichex.data.sources import CXRDataset
+from multichex.device import module_device
 from multichex.evaluation.evaluate import collect, evaluate_datasets
 from multichex.evaluation.thresholds import choose_threshold, per_class_thresholds
 from multichex.models.multichexnet import MultiCheXNet
@@ -48,21 +49,23 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def validate(model: MultiCheXNet, val_sets: dict[str, CXRDataset], tasks: set[str]) -> tuple[float | None, dict[str, Any]]:
-    """The epoch's score and its log columns (``val_score`` and the flat metrics), without bootstrap."""
-    metrics = evaluate_datasets(model, val_sets, bootstrap=0, surface_metrics=False)
+def validate(model: MultiCheXNet, val_sets: dict[str, CXRDataset], tasks: set[str], precision: str = "fp32") -> tuple[float | None, dict[str, Any]]:
+    """The epoch's score and its log columns (``val_score`` and the flat metrics), without bootstrap, on the
+    model's device in ``precision``."""
+    metrics = evaluate_datasets(model, val_sets, bootstrap=0, surface_metrics=False, precision=precision)
     score = score_of(metrics, tasks)
     return score, {"val_score": score, **flat_metrics(metrics)}
 
 
-def select_operating_points(model: MultiCheXNet, best_path: Path, val_sets: dict[str, CXRDataset], config: TrainConfig) -> dict[str, Any]:
+def select_operating_points(model: MultiCheXNet, best_path: Path, val_sets: dict[str, CXRDataset], config: TrainConfig,
+                            precision: str = "fp32") -> dict[str, Any]:
     """Choose the gate threshold and/or per-class thresholds (as ``config`` asks) of the weights in
     ``best_path`` on the validation images and store them in that checkpoint's model config and in
     ``model``'s, so inference, evaluation and teacher forcing use them. Returns what was chosen."""
     header, tensors = read_checkpoint(best_path)
     best = MultiCheXNet(model.config)
     load_weights(best, tensors, best_path)
-    collected = collect(best, val_sets, surface_metrics=False)
+    collected = collect(best.to(module_device(model)), val_sets, surface_metrics=False, precision=precision)
     chosen_config, chosen = model.config, {}
     if config.select_gate_threshold:
         try:
