@@ -13,8 +13,8 @@ from multichex.cli.common import (
     checked_device,
     checkpoint_path,
     device_option,
-    precision_option,
     parse_source,
+    precision_option,
     print_metrics,
     refuse,
     setup_logging,
@@ -52,13 +52,12 @@ def evaluate(
     it never split are left out); the split is never recomputed, since other sources or limits would move
     patients between parts.
     """
+    from multichex.device import resolve_precision
     from multichex.evaluation.evaluate import evaluate_datasets
     from multichex.evaluation.report import write_markdown_report
     from multichex.models.checkpoint import load_model
     from multichex.training.config import TrainConfig
     from multichex.training.data import build_datasets
-
-    from multichex.device import resolve_precision
 
     setup_logging()
     where = checked_device(device)
