@@ -72,10 +72,15 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 
 def _local_cuda() -> torch.device:
-    """This process's GPU: ``LOCAL_RANK`` (torchrun) modulo the GPUs present, else the current one."""
+    """This process's GPU: number ``LOCAL_RANK`` under torchrun (one GPU per rank), else the current one."""
     local = os.environ.get("LOCAL_RANK")
-    index = int(local) % torch.cuda.device_count() if local is not None else torch.cuda.current_device()
-    return torch.device("cuda", index)
+    if local is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    count = torch.cuda.device_count()
+    if int(local) >= count:  # NCCL cannot run two ranks on one GPU
+        raise ValueError(f"rank {local} of this node has no GPU of its own: the node has {count} CUDA device(s); "
+                         f"launch at most {count} processes per node (torchrun --nproc_per_node {count}) or use --device cpu")
+    return torch.device("cuda", int(local))
 
 
 def resolve_precision(spec: str | None, device: torch.device) -> str:
@@ -116,12 +121,14 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 
 def default_num_workers(device: torch.device) -> int:
-    """``num_workers: auto``: with a GPU, every core but one decodes and augments (at most 16); on the CPU
-    none, since loader processes would take the cores the model computes on."""
+    """``num_workers: auto``: with a GPU, every core but one of this rank's share of the node (torchrun's
+    ``LOCAL_WORLD_SIZE`` ranks share it) decodes and augments, at most 16; on the CPU none, since loader
+    processes would take the cores the model computes on."""
     if device.type == "cpu":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(cores - 1, MAX_AUTO_WORKERS))
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(share - 1, MAX_AUTO_WORKERS))
 
 
 def resolve_num_workers(spec: int | str | None, device: torch.device) -> int:

@@ -73,14 +73,14 @@ class Predictor:
         """``explain``: also a Grad-CAM heat map per predicted finding (or for the top class when none is predicted).
         ``device`` / ``precision`` (:mod:`multichex.device`): where the PyTorch model runs and in which arithmetic;
         an ONNX Runtime model runs on the CPU in its own precision. Results always come back to the CPU."""
-        if isinstance(model, OnnxModel):
-            if device not in (None, "auto", "cpu") and str(device) != "cpu":
-                raise ValueError(f"device {device}: the ONNX runtime runs on the CPU here; use --runtime torch for a GPU")
-            self.device, self.precision = torch.device("cpu"), "fp32"
-        else:
+        if isinstance(model, torch.nn.Module):
             self.device = resolve_device(device)
             self.precision = resolve_precision(precision, self.device)
             model = model.to(self.device)
+        else:  # ONNX Runtime (or another runtime with the same predict): on the CPU, in its own precision
+            if device not in (None, "auto") and str(device) != "cpu":
+                raise ValueError(f"device {device}: the ONNX runtime runs on the CPU here; use --runtime torch for a GPU")
+            self.device, self.precision = torch.device("cpu"), "fp32"
         self.model = model.eval()
         self.use_gate = use_gate
         self.score_threshold = score_threshold

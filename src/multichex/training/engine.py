@@ -58,6 +58,8 @@ def build_engine(config: TrainConfig, device: str | torch.device | None = None) 
     resolved = resolve_device(device if device is not None else config.device)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
+        # cuDNN's autotuner picks the fastest convolution per shape; deterministic runs keep the reproducible ones.
+        torch.backends.cudnn.benchmark = not config.deterministic
     precision = resolve_precision(config.precision, resolved)
     pin = resolved.type == "cuda" if config.pin_memory == "auto" else bool(config.pin_memory)
     loader = LoaderOptions(num_workers=resolve_num_workers(config.num_workers, resolved), pin_memory=pin,
