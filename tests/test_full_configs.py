@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import inspect
 import re
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from multichex.data.native import NATIVE_SOURCES, native_reader
 from multichex.data.registry import all_readers
@@ -19,37 +17,11 @@ from multichex.training.protocol import is_protocol, load_protocol
 
 FULL = Path(__file__).resolve().parents[1] / "configs" / "full"
 RECIPES = sorted(FULL.glob("*.yaml"))
-ENGINE_KEYS = ("device", "precision", "pin_memory", "persistent_workers", "prefetch_factor", "compile",
-               "accumulate_steps", "ema_decay")
 PATH_OPTIONS = ("masks_root", "masks_dir")  # reader options that name a folder
-
-
-def _engine_keys_known() -> bool:
-    """Whether TrainConfig takes the engine keys (device, precision, ...) the recipes use."""
-    try:
-        TrainConfig.from_dict({"device": "cpu"})
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _without_engine_keys(data: dict) -> dict:
-    """The recipe for a TrainConfig that predates the engine keys: those keys dropped, num_workers auto → 0."""
-    data = {k: v for k, v in data.items() if k not in ENGINE_KEYS}
-    if data.get("num_workers") == "auto":
-        data["num_workers"] = 0
-    if "phases" in data:
-        data["phases"] = [_without_engine_keys(phase) for phase in data["phases"]]
-    return data
 
 
 def load_recipe(path: Path, tmp_path: Path) -> tuple[TrainConfig, list[TrainConfig]]:
     """The recipe's base config and every phase's config (a plain run config: itself, once)."""
-    if not _engine_keys_known():
-        tmp_path.mkdir(parents=True, exist_ok=True)
-        stripped = tmp_path / path.name
-        stripped.write_text(yaml.safe_dump(_without_engine_keys(read_yaml(path)), sort_keys=False), encoding="utf-8")
-        path = stripped
     if is_protocol(path):
         protocol = load_protocol(path)
         return protocol.base, [protocol.phase_config(i) for i in range(len(protocol.phases))]
@@ -75,9 +47,8 @@ def test_recipe_loads_and_reads_native_layouts(path: Path, tmp_path: Path) -> No
     assert base.model.encoder in path.stem
     assert "threads" not in raw and all("threads" not in phase for phase in raw.get("phases", []))  # the engine decides
     assert raw["num_workers"] == "auto" and raw["device"] == "auto" and raw["precision"] == "auto"
-    if _engine_keys_known():
-        assert base.device == "auto" and base.precision == "auto" and base.num_workers == "auto"
-        assert all(phase.batch_size * phase.accumulate_steps >= 32 for phase in phases)
+    assert base.device == "auto" and base.precision == "auto" and base.num_workers == "auto"
+    assert all(phase.batch_size * phase.accumulate_steps >= 32 for phase in phases)
     assert base.sources
     readers = all_readers()
     for source in base.sources:
@@ -97,8 +68,7 @@ def test_recipe_loads_and_reads_native_layouts(path: Path, tmp_path: Path) -> No
     assert f"multichex train configs/full/{path.name}" in path.read_text(encoding="utf-8")
     for config in phases:
         assert config.warmup_steps >= 1 and config.lr > 0 and config.epochs >= 1
-        if _engine_keys_known():
-            assert config.ema_decay is None or 0.99 <= config.ema_decay < 1
+        assert config.ema_decay is None or 0.99 <= config.ema_decay < 1
 
 
 @pytest.mark.parametrize("size", [256, 512])
@@ -138,14 +108,3 @@ def test_the_two_sizes_see_the_same_images(tmp_path: Path) -> None:
             assert b.steps_per_epoch is None
         else:
             assert a.steps_per_epoch * a.batch_size == b.steps_per_epoch * b.batch_size
-
-
-def test_recipes_load_without_the_engine_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fallback for a TrainConfig without the engine keys: they are dropped and the rest still loads."""
-    monkeypatch.setattr(sys.modules[__name__], "_engine_keys_known", lambda: False)
-    for path in RECIPES:
-        stripped = _without_engine_keys(read_yaml(path))
-        assert not set(ENGINE_KEYS) & set(stripped) and stripped["num_workers"] == 0
-        assert all(not set(ENGINE_KEYS) & set(phase) for phase in stripped.get("phases", []))
-        base, phases = load_recipe(path, tmp_path / path.stem)
-        assert base.model.image_size == read_yaml(path)["model"]["image_size"] and phases
