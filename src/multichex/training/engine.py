@@ -145,10 +145,14 @@ class DataWait:
         elapsed = time.perf_counter() - self.started
         return self.waited / elapsed if elapsed > 0 else 0.0
 
-    def report(self, epoch: int, num_workers: int) -> float:
-        """The epoch's fraction, with a warning in the log when the loader starved the model."""
+    def report(self, epoch: int, num_workers: int, accelerator: bool) -> float:
+        """The epoch's fraction; above :data:`STARVED_FRACTION` a warning when the model runs on an accelerator
+        (the loader starves it), a note at INFO on the CPU (reading shares the cores the model computes on)."""
         fraction = self.fraction
-        if fraction > STARVED_FRACTION:
+        if fraction > STARVED_FRACTION and not accelerator:
+            log.info("epoch %d: %.0f %% of the step time went to reading and augmenting batches on the same cores",
+                     epoch, 100 * fraction)
+        elif fraction > STARVED_FRACTION:
             log.warning("epoch %d: %.0f %% of the step time waited for data (num_workers=%d): the loader starves the "
                         "model; raise num_workers, or read a prepared cache (multichex data prepare)", epoch, 100 * fraction, num_workers)
         return fraction

@@ -306,7 +306,8 @@ class Trainer:
                 out_of_time = True
                 break
         bar.close()
-        return sums, out_of_time, wait.report(self.epoch + 1, self.engine.loader.num_workers) if main else wait.fraction
+        return sums, out_of_time, (wait.report(self.epoch + 1, self.engine.loader.num_workers, self.engine.device.type != "cpu")
+                                 if main else wait.fraction)
 
     def _report_epoch(self, record: dict[str, Any]) -> None:
         """One line per epoch where no live bar shows progress: on stderr with ``progress`` (stderr is not a
