@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -145,17 +144,6 @@ def to_cpu_float(tensor: torch.Tensor) -> torch.Tensor:
     """A prediction as a float32 CPU tensor (one copy back from the device, outside autocast's dtypes)."""
     tensor = tensor.detach()
     return tensor.float().cpu() if tensor.is_floating_point() else tensor.cpu()
-
-
-@contextlib.contextmanager
-def on_device(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
-    """``module`` moved to ``device`` for the block, and back to where it was afterwards."""
-    original = module_device(module)
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(original)
 
 
 def describe(device: torch.device, precision: str) -> str:
