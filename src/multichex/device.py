@@ -112,10 +112,10 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
 
 def module_device(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter (or buffer); the CPU for a module without tensors."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
