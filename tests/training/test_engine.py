@@ -228,3 +228,10 @@ def test_compiled_training_keeps_parameter_names(tmp_path, covid_root, nih_root)
         assert all(not k.startswith("_orig_mod") for k in trainer.model.state_dict())
     finally:
         engine_module.COMPILE_BACKEND = saved
+
+
+def test_an_epoch_ends_with_its_accumulated_gradients_applied(tmp_path, covid_root, nih_root):
+    """5 batches, 3 per step: a step after batch 3 and one after the epoch's last batch, none pending after."""
+    trainer = _trainer(_config(tmp_path, covid_root, nih_root, accumulate_steps=3, steps_per_epoch=5, lr_schedule="constant"))
+    trainer.fit()
+    assert trainer.step.global_step == 2 and trainer.step.pending == 0

@@ -158,9 +158,9 @@ class Trainer:
         """Batches skipped for a non-finite loss."""
         return self.step.skipped_batches
 
-    def train_step(self, batch) -> dict[str, float] | None:
+    def train_step(self, batch, last_in_epoch: bool = False) -> dict[str, float] | None:
         """One optimisation step (see :class:`TrainingStep`); returns the batch's losses or ``None``."""
-        return self.step(batch, self.epoch)
+        return self.step(batch, self.epoch, last_in_epoch)
 
     def _lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at a global step: linear warm-up, then cosine decay to 1% (or constant)."""
@@ -244,7 +244,7 @@ class Trainer:
         main = distributed.is_main()
         while self.epoch < self.config.epochs:
             sums, out_of_time, data_wait = self._train_epoch(start, budget, main)
-            self.step.optimizer_step()  # gradients still accumulating at the epoch's end are applied now
+            self.step.finish_epoch()  # gradients still accumulating (a time budget ended the epoch early)
             self.epoch += 1
             record: dict[str, Any] = {"epoch": self.epoch, "seconds": round(time.monotonic() - start, 1), "data_wait": round(data_wait, 4)}
             record.update({f"train_{k}": float(np.mean(v)) for k, v in sums.items()})
@@ -294,10 +294,10 @@ class Trainer:
         bar = progress_bar(iterator, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                            enabled=self.progress and main, leave=False, every=None)
         out_of_time = False
-        for _, _, batch in bar:
+        for step, _, batch in bar:
             if batch is None and not self.distributed:  # under torchrun train_step makes every rank skip it
                 continue
-            losses = self.train_step(batch)
+            losses = self.train_step(batch, last_in_epoch=step == self.steps_per_epoch - 1)
             for key, value in (losses or {}).items():
                 sums.setdefault(key, []).append(value)
             if losses:

@@ -78,11 +78,12 @@ class TrainingStep:
             return self.loss.tasks_for(batch, self.trained_tasks)
         return agreed_tasks(self.loss.tasks_for(batch, self.trained_tasks) if batch is not None else None)
 
-    def __call__(self, batch: CXRBatch | None, epoch: int) -> dict[str, float] | None:
+    def __call__(self, batch: CXRBatch | None, epoch: int, last_in_epoch: bool = False) -> dict[str, float] | None:
         """One training batch in epoch ``epoch`` (0-based): forward and backward on the engine's device, and an
         optimiser step once ``accumulate_steps`` batches have added their gradients. Returns the batch's
         losses (under torchrun: averaged over the ranks), which skip a batch together (no labels anywhere,
-        an unreadable batch on some rank, a non-finite loss on some rank)."""
+        an unreadable batch on some rank, a non-finite loss on some rank). ``last_in_epoch``: the epoch's last
+        batch closes the accumulation cycle, so an epoch ends with every gradient applied."""
         tasks = self.tasks(batch)
         if not tasks and not (self.few_labels is not None and self.few_labels.wants(batch)):
             return None
@@ -90,7 +91,7 @@ class TrainingStep:
         images = batch.images
         if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        last_of_cycle = self.pending + 1 >= self.engine.accumulate_steps
+        last_of_cycle = last_in_epoch or self.pending + 1 >= self.engine.accumulate_steps
         # Under torchrun, gradients are averaged over the ranks only on the cycle's last batch.
         synchronised = contextlib.nullcontext() if last_of_cycle or not self.distributed else self._forward.no_sync()
         with synchronised:
@@ -115,6 +116,15 @@ class TrainingStep:
         if self.few_labels is not None:  # the discriminator's own step, in fp32
             self.few_labels.after_step(self.model, images, batch)
         return report if report is not None else {k: float(v.detach()) for k, v in losses.items()}
+
+    def finish_epoch(self) -> None:
+        """Gradients still accumulated when an epoch ends early (time budget, unreadable last batch): applied in
+        one process; dropped under torchrun, where they were never averaged over the ranks (``no_sync``)."""
+        if self.pending and self.distributed:
+            log.info("dropping the gradients of %d batch(es) not yet averaged over the ranks", self.pending)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.pending = 0
+        self.optimizer_step()
 
     def optimizer_step(self) -> None:
         """Apply the accumulated gradients (unscaled first for fp16), advance the learning rate, clear them."""
