@@ -184,7 +184,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"## CPU vs {agree['device']} (fp32, default model, {agree['images']} bundled X-rays)", "",
                   f"max |Δ class probability| {agree['max_abs_class_probability']:.2e}, max |Δ gate probability| "
                   f"{agree['max_abs_gate_probability']:.2e}, min mask Dice {agree['min_mask_dice']:.4f}, "
-                  f"same findings {100 * agree['same_findings']:.0f} %"]
+                  f"same class decisions {100 * agree['same_class_decisions']:.0f} %"]
     lines += ["", "## Targets", ""]
     lines += md_table(["target", "measured", "goal", "met"],
                       [[k, "–" if v["value"] is None else f"{v['value']:.4g}", v["target"], {True: "yes", False: "**no**", None: "–"}[v["met"]]]

@@ -6,7 +6,6 @@ through ``Predictor``) on the device it is given, so what is timed is what ``mul
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -93,17 +92,16 @@ def measure_training(trainer: Trainer, warmup: int, steps: int, seconds: float) 
     _reset_memory(device)
     wait = DataWait()
     images = taken = 0
-    started = time.perf_counter()
     for _, _, batch in wait.timed(batches):
         trainer.train_step(batch)
         images += len(batch)
         taken += 1
-        if time.perf_counter() - started > seconds:
+        if time.perf_counter() - wait.started > seconds:
             break
     _synchronize(device)
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - wait.started
     return {"steps": taken, "images": images, "seconds": round(elapsed, 3), "images_per_s": round(images / elapsed, 1),
-            "data_wait": round(wait.waited / elapsed, 4), "peak_memory_gib": _peak_memory_gib(device),
+            "data_wait": round(wait.fraction, 4), "peak_memory_gib": _peak_memory_gib(device),
             "num_workers": trainer.engine.loader.num_workers, "skipped": trainer.skipped_batches}
 
 
@@ -152,25 +150,14 @@ def gated_inference(model: MultiCheXNet, precision: str, batch: int, device: tor
             "median_ms": round(1000 * median, 2), "images_per_s": round(batch / median, 1), "peak_memory_gib": _peak_memory_gib(device)}
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
-
-
 def agreement(checkpoint: Path, files: list[Path], device: torch.device) -> dict[str, Any]:
-    """One checkpoint's predictions on the CPU and on ``device`` (both fp32): largest class / gate probability
-    difference, lowest mask Dice, same findings."""
-    from multichex.inference.predictor import Predictor
+    """One checkpoint's predictions on the CPU and on ``device`` (both fp32) for ``files``, read as ``predict``
+    reads them: :func:`multichex.inference.quantize.agreement` (probability differences, mask Dice, decisions)."""
+    from multichex.inference.quantize import agreement as compare
+    from multichex.inference.quantize import calibration_images
+    from multichex.models.checkpoint import load_model
 
-    results = {}
-    for where in ("cpu", str(device)):
-        predictor = Predictor.from_checkpoint(checkpoint, device=where, precision="fp32", use_gate=False)
-        results[where] = predictor.predict_prepared([predictor.prepare(f) for f in files])
-    cpu, other = results["cpu"], results[str(device)]
-    class_diff = max(abs(a["classes"][k] - b["classes"][k]) for a, b in zip(cpu, other) for k in a["classes"])
-    gate_diff = max(abs(a["gate"]["probability"] - b["gate"]["probability"]) for a, b in zip(cpu, other))
-    dice = [_dice(a["mask_array"], b["mask_array"]) for a, b in zip(cpu, other) if a["mask_array"] is not None]
-    return {"checkpoint": str(checkpoint), "images": len(files), "device": str(device),
-            "max_abs_class_probability": class_diff, "max_abs_gate_probability": gate_diff,
-            "min_mask_dice": min(dice) if dice else math.nan,
-            "same_findings": float(np.mean([a["findings"] == b["findings"] for a, b in zip(cpu, other)]))}
+    on_cpu, _ = load_model(checkpoint)
+    on_device, _ = load_model(checkpoint, map_location=device)
+    images, _ = calibration_images(files, on_cpu.config.image_size, limit=len(files))
+    return {"checkpoint": str(checkpoint), "device": str(device), **compare(on_cpu, on_device, images)}

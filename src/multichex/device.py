@@ -18,13 +18,10 @@ features live on the chosen device. What always runs on the CPU, by design:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 DEVICE_HELP = "Where to run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."
 PRECISION_HELP = "Arithmetic: auto (bf16 on CUDA devices that support it, else fp32), fp32, bf16 or fp16."

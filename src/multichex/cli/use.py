@@ -125,8 +125,6 @@ def predict(
             from multichex.inference.export_cache import cached_export
 
             model_file = cached_export(model_file)
-        if runtime == "onnx" and device == "auto":
-            device = "cpu"
         predictor = Predictor.from_checkpoint(model_file, runtime=runtime, use_gate=gate, score_threshold=score_threshold, explain=explain,
                                               device=device, precision=precision)
     except (ValueError, FileNotFoundError, TypeError) as error:

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from multichex.device import module_device
 from multichex.inference.onnx_runtime import FEATURES, OnnxModel, export_onnx, onnx_paths
 from multichex.models.decision import at_or_above
-from multichex.models.multichexnet import MultiCheXNet
+from multichex.models.multichexnet import GatedPrediction, MultiCheXNet
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
@@ -94,20 +95,22 @@ def quantize_onnx(model: MultiCheXNet, path: str | Path, calibration: np.ndarray
 
 def agreement(reference: MultiCheXNet | OnnxModel, candidate: MultiCheXNet | OnnxModel, images: torch.Tensor,
               batch: int = 8, mask_threshold: float = 0.5) -> dict[str, float]:
-    """How closely ``candidate`` reproduces ``reference`` on ``images`` (every head run, gate off).
+    """How closely ``candidate`` reproduces ``reference`` on ``images`` (every head run, gate off; a PyTorch model
+    runs on its own device, e.g. the same checkpoint on the CPU and on a GPU).
 
-    Class probabilities (max and mean absolute difference), decisions at the model's class thresholds and
+    Class probabilities (max and mean absolute difference), gate probabilities (max absolute difference), decisions at the model's class thresholds and
     gate threshold (share of equal decisions), masks (mean and lowest Dice of the thresholded masks; 1 when
     both are empty; largest absolute difference of the mask probabilities) and the number of boxes (share
     of images with the same count).
     """
     config = reference.config
     thresholds = torch.tensor(config.class_thresholds or [0.5] * len(config.class_names))
-    diffs, decisions, gates, dices, box_counts, mask_diffs = [], [], [], [], [], []
+    diffs, gate_diffs, decisions, gates, dices, box_counts, mask_diffs = [], [], [], [], [], [], []
     for start in range(0, len(images), batch):
         x = images[start : start + batch]
-        a, b = reference.predict(x, use_gate=False), candidate.predict(x, use_gate=False)
+        a, b = _predict_on_cpu(reference, x), _predict_on_cpu(candidate, x)
         diffs.append((a.class_probs - b.class_probs).abs())
+        gate_diffs.append((a.gate_probs - b.gate_probs).abs())
         decisions.append((at_or_above(a.class_probs, thresholds) == at_or_above(b.class_probs, thresholds)).float())
         gates.append((a.gate_positive == b.gate_positive).float())
         for seg_a, seg_b, det_a, det_b in zip(a.seg_probs, b.seg_probs, a.detections, b.detections):
@@ -123,6 +126,7 @@ def agreement(reference: MultiCheXNet | OnnxModel, candidate: MultiCheXNet | Onn
         "images": int(len(images)),
         "max_abs_class_probability": float(diff.max()),
         "mean_abs_class_probability": float(diff.mean()),
+        "max_abs_gate_probability": float(torch.cat(gate_diffs).max()),
         "same_class_decisions": float(torch.cat(decisions).mean()),
         "same_gate_decisions": float(torch.cat(gates).mean()),
         "mask_dice": float(np.mean(dices)) if dices else float("nan"),
@@ -130,6 +134,12 @@ def agreement(reference: MultiCheXNet | OnnxModel, candidate: MultiCheXNet | Onn
         "max_abs_mask_probability": max(mask_diffs) if mask_diffs else float("nan"),
         "same_box_count": float(np.mean(box_counts)) if box_counts else float("nan"),
     }
+
+
+def _predict_on_cpu(model: MultiCheXNet | OnnxModel, images: torch.Tensor) -> GatedPrediction:
+    """Every head's prediction (gate off) from the model's own device, back on the CPU as float32."""
+    device = module_device(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    return model.predict(images.to(device), use_gate=False).to_cpu()
 
 
 def calibration_images(paths: Sequence[Path], size: int, limit: int = 64) -> tuple[torch.Tensor, list[tuple[str, str]]]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from multichex.device import to_cpu_float
 from multichex.models.config import TASKS, ModelConfig
 from multichex.models.decision import at_or_above
 from multichex.models.discriminator import PairDiscriminator
@@ -30,13 +31,11 @@ class GatedPrediction:
 
     def to_cpu(self) -> "GatedPrediction":
         """The prediction as float32 CPU tensors (where results are written), from any device or precision."""
-        def cpu(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.detach().cpu()
-
         return GatedPrediction(
-            cpu(self.class_probs), cpu(self.gate_probs), cpu(self.gate_positive),
-            [None if s is None else cpu(s) for s in self.seg_probs],
-            [None if d is None else Detections(cpu(d.boxes), cpu(d.scores), cpu(d.labels)) for d in self.detections],
+            to_cpu_float(self.class_probs), to_cpu_float(self.gate_probs), to_cpu_float(self.gate_positive),
+            [None if s is None else to_cpu_float(s) for s in self.seg_probs],
+            [None if d is None else Detections(to_cpu_float(d.boxes), to_cpu_float(d.scores), to_cpu_float(d.labels))
+             for d in self.detections],
         )
 
 

@@ -94,7 +94,6 @@ class WeightAverage:
     PREFIX = "ema."
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
         self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
     @property
@@ -106,9 +105,10 @@ class WeightAverage:
         self.average.update_parameters(model)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Checkpoint tensors (``ema.<parameter name>``) and the count of averaged steps."""
-        state = {self.PREFIX + key: value.detach().cpu().contiguous() for key, value in self.module.state_dict().items()}
-        state[self.PREFIX + "n_averaged"] = self.average.n_averaged.detach().cpu()
+        """Checkpoint tensors (``ema.<parameter name>``) and the count of averaged steps (``save_checkpoint``
+        stores CPU copies)."""
+        state = {self.PREFIX + key: value for key, value in self.module.state_dict().items()}
+        state[self.PREFIX + "n_averaged"] = self.average.n_averaged
         return state
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> bool:
