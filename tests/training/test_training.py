@@ -287,6 +287,38 @@ def test_resume_matches_uninterrupted_run(tmp_path, covid_root, nih_root):
     assert second.best_score == pytest.approx(straight.best_score)
 
 
+@pytest.mark.parametrize(("best_metric", "expected_epoch"), [("score", 2), ("dice", 1), ("gate_auroc", 3), ("last", 3)])
+def test_best_metric_picks_the_best_checkpoint(tmp_path, covid_root, nih_root, monkeypatch, best_metric, expected_epoch):
+    """Scripted validation columns that disagree epoch by epoch: each best_metric keeps its own epoch."""
+    scripted = iter([
+        {"val_score": 0.1, "val_dice": 0.9, "val_macro_auroc": 0.5, "val_map50": None, "val_gate_auroc": 0.2},
+        {"val_score": 0.9, "val_dice": 0.5, "val_macro_auroc": 0.5, "val_map50": None, "val_gate_auroc": 0.3},
+        {"val_score": 0.5, "val_dice": 0.7, "val_macro_auroc": 0.5, "val_map50": None, "val_gate_auroc": 0.4},
+    ])
+    monkeypatch.setattr("multichex.training.trainer.validate", lambda *args, **kwargs: (None, next(scripted)))
+    config = train_config(tmp_path, covid_root, nih_root, epochs=3, steps_per_epoch=1, split={"train": 0.75, "val": 0.25},
+                          sources=sources(covid_root, nih_root, limit=16), best_metric=best_metric)
+    trainer = _fresh_trainer(config)
+    trainer.fit()
+    header, _ = read_checkpoint(tmp_path / "best.safetensors")
+    assert header["trainer"]["epoch"] == expected_epoch
+    assert [r["val_score"] for r in trainer.history] == [0.1, 0.9, 0.5]  # the log keeps the combined score
+
+
+def test_best_metric_undefined_on_validation_keeps_the_final_weights(tmp_path, covid_root, nih_root, monkeypatch):
+    monkeypatch.setattr("multichex.training.trainer.validate", lambda *args, **kwargs: (None, {"val_score": 0.5, "val_map50": None}))
+    config = train_config(tmp_path, covid_root, nih_root, epochs=1, steps_per_epoch=1, split={"train": 0.75, "val": 0.25},
+                          sources=sources(covid_root, nih_root, limit=16), best_metric="map")
+    _fresh_trainer(config).fit()
+    header, _ = read_checkpoint(tmp_path / "best.safetensors")  # no epoch scored: `best` is the final weights
+    assert header["trainer"]["epoch"] == 1 and header["trainer"]["best_score"] is None
+
+
+def test_best_metric_unknown_name_is_refused(tmp_path, covid_root, nih_root):
+    with pytest.raises(ValueError, match="best_metric must be one of"):
+        train_config(tmp_path, covid_root, nih_root, best_metric="loss")
+
+
 def test_resume_needs_last_checkpoint_with_optimizer(tmp_path, covid_root, nih_root):
     config = train_config(tmp_path, covid_root, nih_root)
     trainer = _fresh_trainer(config)

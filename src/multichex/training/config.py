@@ -16,6 +16,13 @@ from multichex.models.config import ModelConfig, strict_from_dict
 MODULES = ("encoder", "cls", "seg", "det", "gate")
 SCHEDULES = ("single", "alternating", "joint")
 OPTIMIZERS = ("adamw", "adam", "sgd")
+BEST_METRICS = {  # best_metric → the epoch log's column that picks `best` (higher is better)
+    "score": "val_score",  # mean of the trained heads' primary metrics
+    "dice": "val_dice",
+    "macro_auroc": "val_macro_auroc",
+    "map": "val_map50",
+    "gate_auroc": "val_gate_auroc",
+}
 
 
 @dataclass
@@ -119,6 +126,7 @@ class SourceConfig:
         return self.id or self.name
 
 
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on."""
@@ -140,6 +148,7 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 1e-4
     max_minutes: float | None = None
+    best_metric: str = "score"  # the validation number that keeps `best` (BEST_METRICS); "last": the last validated epoch
     trainable: list[str] = field(default_factory=lambda: list(MODULES))  # modules or sub-modules, e.g. "cls.dec"
     teacher_forcing: TeacherForcingConfig | None = None  # None: gated heads train on every labelled image
     select_gate_threshold: str | None = None  # after training: "youden", "f1" or "sensitivity" (on validation)
@@ -202,6 +211,8 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite_loss must be 'skip' or 'stop', got {self.on_nonfinite_loss!r}")
         if self.lr_schedule not in {"cosine", "constant"}:
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.best_metric not in BEST_METRICS and self.best_metric != "last":
+            raise ValueError(f"best_metric must be one of {[*BEST_METRICS, 'last']}, got {self.best_metric!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         self._check_engine()

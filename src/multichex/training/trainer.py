@@ -31,7 +31,7 @@ from multichex.training.semi_supervised import FewLabelObjectives, ObjectiveCoun
 from multichex.training.steps import FewLabelHooks, TrainingStep
 from multichex.training.steps.ranks import summed_forcing
 from multichex.training.teacher_forcing import ForcingCounts
-from multichex.training.validation import select_operating_points, validate
+from multichex.training.validation import select_operating_points, selection_score, validate
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,9 @@ class Trainer:
                 record.update(self.objectives.counts.values)
                 self.objectives.counts = ObjectiveCounts()
             if self.val_sets and main:
-                score, columns = validate(self.evaluated_model, self.val_sets, self.trained_tasks, self.engine.precision)
+                _, columns = validate(self.evaluated_model, self.val_sets, self.trained_tasks, self.engine.precision)
                 record.update(columns)
+                score = selection_score(columns, self.config.best_metric, self.epoch)
                 if score is not None and (self.best_score is None or score > self.best_score):
                     self.best_score = score
                     self._checkpoint("best", with_optimizer=False)

@@ -18,7 +18,7 @@ from multichex.evaluation.evaluate import collect, evaluate_datasets
 from multichex.evaluation.thresholds import choose_threshold, per_class_thresholds
 from multichex.models.multichexnet import MultiCheXNet
 from multichex.training.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from multichex.training.config import TrainConfig
+from multichex.training.config import BEST_METRICS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,16 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
         "val_map50": metrics.get("detection", {}).get("map", {}).get("value"),
         "val_gate_auroc": metrics.get("gate", {}).get("auroc", {}).get("value"),
     }
+
+
+def selection_score(columns: dict[str, Any], best_metric: str, epoch: int) -> float | None:
+    """The number that decides whether this epoch becomes ``best`` (higher wins): the ``best_metric``
+    column of the epoch's validation ``columns``, or the epoch itself for ``"last"``; ``None`` (never best)
+    when that metric is undefined on the validation images."""
+    if best_metric == "last":
+        return float(epoch)
+    value = columns.get(BEST_METRICS[best_metric])
+    return None if value is None or math.isnan(value) else float(value)
 
 
 def validate(model: MultiCheXNet, val_sets: dict[str, CXRDataset], tasks: set[str], precision: str = "fp32") -> tuple[float | None, dict[str, Any]]:
