@@ -155,6 +155,16 @@ def test_box_helpers():
     assert clipped.tolist() == [[5.0, 5.0, 10.0, 8.0]] and keep.tolist() == [True, False]
 
 
+def test_dropped_boxes_are_a_warning_once_per_image(caplog):
+    boxes = torch.tensor([[5.0, 5.0, 20.0, 8.0], [30.0, 30.0, 40.0, 40.0]])
+    with caplog.at_level("WARNING", logger="multichex.data.geometry"):
+        for _ in range(3):  # e.g. three epochs
+            validate_boxes(boxes, 10, 10, "scan-with-stray-box.png")
+        validate_boxes(boxes[:1], 10, 10, "scan-inside.png")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["scan-with-stray-box.png: 1 of 2 boxes lie outside the 10×10 image and are dropped"]
+
+
 # --------------------------------------------------------------------------- joint augmentation
 
 

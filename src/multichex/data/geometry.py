@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from skimage.measure import label as label_components
 from skimage.measure import regionprops
+
+log = logging.getLogger(__name__)
+_warned_dropped: set[str] = set()  # sources already warned about, so a training run warns once per image
 
 
 def boxes_from_mask(mask: np.ndarray | torch.Tensor, min_area: int = 1) -> torch.Tensor:
@@ -46,7 +51,7 @@ def validate_boxes(boxes: torch.Tensor, height: int, width: int, source: str) ->
     """Reject non-finite or inverted boxes with an error naming the source; clip the rest to the image.
 
     Returns ``(clipped, keep)``: ``keep`` marks the input boxes that survive clipping, so callers can
-    drop the matching labels too.
+    drop the matching labels too. Dropping some (not all) of an image's boxes is a warning, once per source.
     """
     if boxes.numel() and not torch.isfinite(boxes).all():
         raise ValueError(f"{source}: box coordinates are not finite")
@@ -55,4 +60,8 @@ def validate_boxes(boxes: torch.Tensor, height: int, width: int, source: str) ->
     clipped, keep = clip_boxes(boxes, height, width)
     if boxes.numel() and not keep.any():
         raise ValueError(f"{source}: every box lies outside the {width}×{height} image")
+    dropped = int((~keep).sum())
+    if dropped and source not in _warned_dropped:
+        _warned_dropped.add(source)
+        log.warning("%s: %d of %d boxes lie outside the %d×%d image and are dropped", source, dropped, len(keep), width, height)
     return clipped, keep
