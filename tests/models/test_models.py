@@ -240,3 +240,49 @@ def test_detection_postprocess_boxes_inside_image(images):
         assert (det.boxes[:, 2] > det.boxes[:, 0]).all() and (det.boxes[:, 3] > det.boxes[:, 1]).all()
         assert ((det.scores >= 0) & (det.scores <= 1)).all()
         assert det.labels.max() < 2
+
+
+# --------------------------------------------------------------------------- segmentation refinement
+
+
+def refined_model() -> MultiCheXNet:
+    """A model whose segmentation head was given the refinement after training, with non-zero weights."""
+    model = make_model()
+    model.add_seg_refinement()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.seg.refine[-1].weight, std=0.5)
+    return model.eval()
+
+
+def test_added_refinement_leaves_outputs_unchanged_until_trained(images):
+    model = make_model()
+    with torch.no_grad():
+        before = model(images, ["seg"])["seg"]
+        model.add_seg_refinement()
+        after = model.eval()(images, ["seg"])["seg"]
+    assert model.config.seg_refine and torch.equal(before, after)
+    rebuilt = MultiCheXNet(model.config).eval()  # the config now builds the refinement
+    rebuilt.load_state_dict(model.state_dict())
+    assert sorted(k for k in rebuilt.state_dict() if k.startswith("seg.refine."))
+
+
+def test_refinement_reads_each_images_own_pixels(monkeypatch, images):
+    model = refined_model()
+    with torch.no_grad():
+        full = torch.sigmoid(model(images, ["seg"])["seg"])
+        without = torch.sigmoid(make_model()(images, ["seg"])["seg"])
+    assert float((full - without).abs().max()) > 1e-3, "the refinement must change the masks"
+    force_gate(monkeypatch, model, [0.9, 0.1, 0.8, 0.2, 0.7])  # the gated rows 0, 2, 4 get their own images
+    prediction = model.predict(images)
+    for slot in (0, 2, 4):
+        torch.testing.assert_close(prediction.seg_probs[slot], full[slot], atol=1e-5, rtol=0)
+    assert prediction.seg_probs[1] is None
+
+
+def test_refinement_needs_the_images_and_trains(images):
+    model = refined_model().train()
+    with pytest.raises(ValueError, match="pass the input images"):
+        model.run_heads(model.encode(images), ["seg"], images.shape[-2:])
+    model(images, ["seg"])["seg"].mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.seg.refine.parameters())
