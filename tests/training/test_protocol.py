@@ -221,20 +221,3 @@ def test_saved_split_refuses_images_it_does_not_list(tmp_path, covid_root, nih_r
     config = TrainConfig(sources=[SourceConfig("nih-cxr14-bbox", str(tmp_path / "elsewhere"))], split_file=str(Path(protocol.base.out_dir) / "split.json"))
     with pytest.raises(ValueError, match="not in this split"):
         split_sources(config)
-
-
-def test_a_protocol_asking_for_seg_refine_adds_it_to_weights_trained_without(tmp_path, covid_root, nih_root, staged_run):
-    protocol, _ = staged_run
-    start = protocol.phase_dir(2) / "best.safetensors"  # trained without the refinement
-    data = protocol_dict(tmp_path / "run", covid_root, nih_root, [
-        {"name": "polish", "sources": ["seg"], "init": str(start), "trainable": ["seg"], "epochs": 2}])
-    data["model"] = {**MODEL, "seg_refine": True}
-    refined = load_protocol(write_protocol(tmp_path / "p.yaml", data))
-    ProtocolRunner(refined, progress=False, bootstrap=0).run()
-    before, after = weights(start), weights(tmp_path / "run" / "final.safetensors")
-    added = sorted(k for k in after if k.startswith("seg.refine."))
-    assert added and not any(k.startswith("seg.refine.") for k in before)
-    assert after["seg.refine.6.weight"].abs().sum() > 0  # its zero-initialised last layer has been trained
-    assert not changed(before, after, "encoder.")  # only the segmentation head trained
-    model, _ = load_model(tmp_path / "run" / "final.safetensors")
-    assert model.config.seg_refine
