@@ -81,26 +81,6 @@ def test_onnx_runtime_matches_pytorch(exported, batch):
     assert sum(d is not None and len(d.boxes) > 0 for d in expected.detections) > 0, "the check must compare some boxes"
 
 
-def test_onnx_export_of_a_refined_segmentation_head_reads_the_gated_images(tmp_path, monkeypatch):
-    model = tiny_model(gated_heads=["seg"], threshold=0.5)
-    model.add_seg_refinement()
-    with torch.no_grad():
-        torch.nn.init.normal_(model.seg.refine[-1].weight, std=0.5)
-    model.eval()
-    paths = export_onnx(model, tmp_path / "model.onnx")
-    onnx = OnnxModel(paths["encoder"])
-    assert [i.name for i in onnx.sessions["seg"].get_inputs()] == ["f4", "f8", "f16", "f32", "images"]
-    assert [i.name for i in onnx.sessions["det"].get_inputs()] == ["f4", "f8", "f16", "f32"]
-    images = torch.rand(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
-    expected = model.predict(images, use_gate=False)
-    fixed = torch.tensor([0.9, 0.1, 0.2, 0.8])  # the seg graph runs on rows 0 and 3 only: their own images
-    monkeypatch.setattr("multichex.inference.onnx_runtime.gate_probability", lambda config, outputs: fixed.clone())
-    got = onnx.predict(images)
-    assert got.seg_probs[1] is None and got.seg_probs[2] is None
-    for slot in (0, 3):
-        assert float((got.seg_probs[slot] - expected.seg_probs[slot]).abs().max()) < 1e-4
-
-
 def test_onnx_gate_skips_the_head_graphs(exported, monkeypatch):
     _, folder = exported
     onnx = OnnxModel(folder / "model.onnx")

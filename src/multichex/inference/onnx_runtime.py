@@ -4,8 +4,7 @@
 
 * ``model.onnx`` — images (``B×1×S×S`` in [0, 1]) → classifier logits, gate logits and the four encoder
   feature maps (the cached encoder output);
-* ``model.seg.onnx`` and ``model.det.onnx`` — encoder features → raw segmentation / detection outputs (a
-  segmentation head with ``seg_refine`` also reads the images);
+* ``model.seg.onnx`` and ``model.det.onnx`` — encoder features → raw segmentation / detection outputs;
 * ``model.json`` — the model config (classes, thresholds, preprocessing) and the graphs' file names.
 
 :class:`OnnxModel` runs the encoder graph once per batch and feeds the head graphs only the features of
@@ -49,14 +48,8 @@ class _HeadGraph(nn.Module):
         self.model, self.head = model, head
         self.size = (model.config.image_size, model.config.image_size)
 
-    def forward(self, f4: torch.Tensor, f8: torch.Tensor, f16: torch.Tensor, f32: torch.Tensor,
-                images: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.run_heads([f4, f8, f16, f32], [self.head], self.size, images=images)[self.head]
-
-
-def head_inputs(config: ModelConfig, head: str) -> list[str]:
-    """The input names of a head graph: the encoder features, and the images for a refined segmentation."""
-    return [*FEATURES, "images"] if head == "seg" and config.seg_refine else list(FEATURES)
+    def forward(self, f4: torch.Tensor, f8: torch.Tensor, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
+        return self.model.run_heads([f4, f8, f16, f32], [self.head], self.size)[self.head]
 
 
 def onnx_paths(path: str | Path) -> dict[str, Path]:
@@ -80,10 +73,9 @@ def export_onnx(model: MultiCheXNet, path: str | Path, opset: int = 18, batch_ex
     with torch.no_grad():
         features = model.encode(images)
     _export(_EncoderGraph(model), (images,), paths["encoder"], ["images"], ["cls", "gate", *FEATURES], ({0: batch},), opset)
-    for head in ("seg", "det"):
-        inputs = head_inputs(model.config, head)
-        args = (*features, images) if "images" in inputs else tuple(features)
-        _export(_HeadGraph(model, head), args, paths[head], inputs, [head], tuple({0: batch} for _ in inputs), opset)
+    feature_shapes = tuple({0: batch} for _ in FEATURES)
+    _export(_HeadGraph(model, "seg"), tuple(features), paths["seg"], list(FEATURES), ["seg"], feature_shapes, opset)
+    _export(_HeadGraph(model, "det"), tuple(features), paths["det"], list(FEATURES), ["det"], feature_shapes, opset)
     meta = {
         "format": FORMAT,
         "model": model.config.to_dict(),
@@ -142,25 +134,23 @@ class OnnxModel:
     def eval(self) -> "OnnxModel":
         return self
 
-    def encode_and_classify(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
-        """One encoder-graph run: classifier/gate logits (torch) and what the head graphs read (numpy): the
-        cached features by name, and the images."""
+    def encode_and_classify(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
+        """One encoder-graph run: classifier/gate logits (torch) and the cached features (numpy)."""
         array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         cls, gate, *features = self.sessions["encoder"].run(None, {"images": array})
-        return {"cls": torch.from_numpy(cls), "gate": torch.from_numpy(gate)}, {**dict(zip(FEATURES, features)), "images": array}
+        return {"cls": torch.from_numpy(cls), "gate": torch.from_numpy(gate)}, features
 
-    def run_head(self, head: str, cached: dict[str, np.ndarray], index: torch.Tensor) -> torch.Tensor:
-        """A head graph on the rows ``index`` of the cached encoder outputs."""
+    def run_head(self, head: str, features: list[np.ndarray], index: torch.Tensor) -> torch.Tensor:
         rows = index.numpy()
-        every = len(rows) == len(cached["images"]) and bool((rows == np.arange(len(rows))).all())
+        every = len(rows) == len(features[0]) and bool((rows == np.arange(len(rows))).all())
+        feeds = {name: f if every else np.ascontiguousarray(f[rows]) for name, f in zip(FEATURES, features)}
         session = self.sessions[head]
         wanted = {i.name for i in session.get_inputs()}
-        feeds = {name: value if every else np.ascontiguousarray(value[rows]) for name, value in cached.items() if name in wanted}
-        return torch.from_numpy(session.run(None, feeds)[0])
+        return torch.from_numpy(session.run(None, {k: v for k, v in feeds.items() if k in wanted})[0])
 
     def predict(self, images: torch.Tensor, use_gate: bool = True, score_threshold: float = 0.25, iou_threshold: float = 0.45) -> GatedPrediction:
         """Gated inference with the encoder graph run once and the head graphs only on the images that need them."""
-        first, cached = self.encode_and_classify(images)
+        first, features = self.encode_and_classify(images)
         return assemble_prediction(self.config, first, gate_probability(self.config, first),
-                                   lambda head, index: self.run_head(head, cached, index), self.detector,
+                                   lambda head, index: self.run_head(head, features, index), self.detector,
                                    use_gate, score_threshold, iou_threshold)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from multichex.device import module_device
-from multichex.inference.onnx_runtime import OnnxModel, export_onnx, onnx_paths
+from multichex.inference.onnx_runtime import FEATURES, OnnxModel, export_onnx, onnx_paths
 from multichex.models.decision import at_or_above
 from multichex.models.multichexnet import GatedPrediction, MultiCheXNet
 
@@ -75,12 +75,15 @@ def quantize_onnx(model: MultiCheXNet, path: str | Path, calibration: np.ndarray
         float_paths = export_onnx(model, work / "float.onnx", opset)
         float_model = OnnxModel(float_paths["encoder"])
         image_feeds = [{"images": chunk} for chunk in _batches(images, batch)]
-        head_feeds = [float_model.encode_and_classify(torch.from_numpy(feed["images"]))[1] for feed in image_feeds]
+        feature_feeds = []
+        for feed in image_feeds:
+            _, features = float_model.encode_and_classify(torch.from_numpy(feed["images"]))
+            feature_feeds.append(dict(zip(FEATURES, features)))
         paths["encoder"].parent.mkdir(parents=True, exist_ok=True)
         _quantize_graph(float_paths["encoder"], paths["encoder"], image_feeds, method, work)
         for head in ("seg", "det"):
             wanted = {i.name for i in float_model.sessions[head].get_inputs()}
-            feeds = [{k: v for k, v in feed.items() if k in wanted} for feed in head_feeds]
+            feeds = [{k: v for k, v in feed.items() if k in wanted} for feed in feature_feeds]
             _quantize_graph(float_paths[head], paths[head], feeds, method, work)
         meta = json.loads(float_paths["meta"].read_text())
     meta["graphs"] = {name: p.name for name, p in paths.items() if name != "meta"}

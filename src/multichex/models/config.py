@@ -57,7 +57,6 @@ class ModelConfig:
     seg_attention: bool = False  # APPAU-Net: attention gates on the decoder's skip connections
     seg_deep_supervision: bool = False  # APPAU-Net: progressive side outputs, each with its own loss
     saliency_bridge: bool = False  # MultiMix: class saliency + image fed into the first decoder stage
-    seg_refine: bool = False  # a stride-2 correction of the mask logits from the image itself (sharper edges)
     discriminator_classes: list[str] | None = None  # APPAU-Net: an (image, mask) discriminator over these + "predicted"
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,20 +49,13 @@ class MultiCheXNet(nn.Module):
         channels = self.encoder.out_channels
         self.cls = CheXCls(channels[-1], len(config.class_names), hidden=config.cls_hidden)
         self.seg = CheXSeg(channels, attention=config.seg_attention, deep_supervision=config.seg_deep_supervision,
-                           saliency_bridge=config.saliency_bridge, refine=config.seg_refine)
+                           saliency_bridge=config.saliency_bridge)
         # Training-only adversary (APPAU-Net); saved with the weights so a resumed run continues its game.
         self.disc = PairDiscriminator(len(config.discriminator_classes)) if config.discriminator_classes else None
         self.det = CheXDet(channels, len(config.box_classes), [tuple(a) for a in config.anchors], config.image_size, config.det_stride)
         self.gate = PositiveCaseGate(channels[-1])
         self.register_buffer("input_mean", torch.tensor(config.input_mean), persistent=False)
         self.register_buffer("input_std", torch.tensor(config.input_std), persistent=False)
-
-    def add_seg_refinement(self) -> None:
-        """Give the trained segmentation head the stride-2 refinement (``seg_refine``), in place. It starts at
-        zero, so every output is unchanged until it is trained."""
-        self.seg.add_refinement()
-        self.seg.to(self.input_mean.device)
-        self.config = replace(self.config, seg_refine=True)
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images in [0, 1] (``B×1×H×W``) → multi-scale features (normalisation happens here, not in user code)."""
@@ -77,11 +70,9 @@ class MultiCheXNet(nn.Module):
         return (self.encoder, self.cls)
 
     def run_heads(
-        self, features: list[torch.Tensor], tasks: Iterable[str], output_size: tuple[int, int], guide: torch.Tensor | None = None,
-        images: torch.Tensor | None = None,
+        self, features: list[torch.Tensor], tasks: Iterable[str], output_size: tuple[int, int], guide: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Raw outputs of the requested heads; ``guide`` is the saliency bridge's input (see :meth:`guide`) and
-        ``images`` the input images, which a head with ``seg_refine`` reads (the rows of ``features``).
+        """Raw outputs of the requested heads; ``guide`` is the saliency bridge's input (see :meth:`guide`).
 
         In training mode a deep-supervised segmentation head also returns its side outputs (``seg_sides``).
         """
@@ -91,9 +82,9 @@ class MultiCheXNet(nn.Module):
                 outputs["cls"] = self.cls(features)
             elif task == "seg":
                 if self.training and self.config.seg_deep_supervision:
-                    outputs["seg"], outputs["seg_sides"] = self.seg(features, output_size, guide, return_sides=True, image=images)
+                    outputs["seg"], outputs["seg_sides"] = self.seg(features, output_size, guide, return_sides=True)
                 else:
-                    outputs["seg"] = self.seg(features, output_size, guide, image=images)
+                    outputs["seg"] = self.seg(features, output_size, guide)
             elif task == "det":
                 outputs["det"] = self.det(features)
             elif task == "gate":
@@ -105,7 +96,7 @@ class MultiCheXNet(nn.Module):
     def forward(self, images: torch.Tensor, tasks: Iterable[str] = TASKS) -> dict[str, torch.Tensor]:
         tasks = list(tasks)
         guide = self.guide(images) if "seg" in tasks else None
-        return self.run_heads(self.encode(images), tasks, images.shape[-2:], guide, images)
+        return self.run_heads(self.encode(images), tasks, images.shape[-2:], guide)
 
     def guide(self, images: torch.Tensor) -> torch.Tensor | None:
         """The saliency bridge's (image, saliency map) input for ``images``; ``None`` without a bridge."""
@@ -140,7 +131,7 @@ class MultiCheXNet(nn.Module):
 
         def run_head(head: str, index: torch.Tensor) -> torch.Tensor:
             guide = self.guide(images[index]) if head == "seg" else None
-            return self.run_heads([f[index] for f in features], [head], size, guide, images[index])[head]
+            return self.run_heads([f[index] for f in features], [head], size, guide)[head]
 
         return assemble_prediction(self.config, first, self.gate_probability(first), run_head, self.det, use_gate, score_threshold, iou_threshold)
 

@@ -183,8 +183,6 @@ class ProtocolRunner:
             model, _ = load_model(self.protocol.phase_dir(index - 1) / "best.safetensors")
         else:
             model, _ = load_model(phase.init)
-        if self.protocol.base.model.seg_refine and not model.config.seg_refine:
-            model.add_seg_refinement()  # a protocol that asks for the refinement adds it to weights trained without
         if phase.new_classes:
             transfer_model(model, phase.new_classes)
         return model

@@ -6,11 +6,7 @@ Options from the seed papers, each off by default:
 * ``deep_supervision`` — a side output after every decoder stage, each added (upsampled) to the next one,
   the last being the final output (APPAU-Net's progressive side outputs); the sides get their own loss;
 * ``saliency_bridge`` — MultiMix's bridge: a class saliency map, concatenated with the image, downsampled
-  and added to the input of the first decoder stage;
-* ``refine`` — a correction of the mask logits at stride 2 computed from the image itself and the last
-  decoder features, for sharper edges than stride-4 logits give (a lung's errors lie in a band of a few pixels
-  along its edge). It can be added to a trained head (:meth:`CheXSeg.add_refinement`): its last layer starts
-  at zero, so the head's output is unchanged until it is trained.
+  and added to the input of the first decoder stage.
 """
 
 from __future__ import annotations
@@ -44,11 +40,8 @@ class CheXSeg(nn.Module):
         attention: bool = False,
         deep_supervision: bool = False,
         saliency_bridge: bool = False,
-        refine: bool = False,
     ) -> None:
         super().__init__()
-        self.widths = widths
-        self.num_classes = num_classes
         c4, c8, c16, c32 = encoder_channels
         skips, inputs = (c16, c8, c4), (c32, widths[0], widths[1])
         self.blocks = nn.ModuleList([_fuse_block(cin + skip, cout) for cin, skip, cout in zip(inputs, skips, widths)])
@@ -67,29 +60,13 @@ class CheXSeg(nn.Module):
             # Zero-initialised scale: the bridge starts as "add nothing" and the decoder learns how much of the
             # guide to take, instead of starting from a random perturbation of its first stage's input.
             nn.init.zeros_(self.bridge[1].weight)
-        self.refine: nn.Sequential | None = None
-        if refine:
-            self.add_refinement()
-
-    def add_refinement(self, width: int = 16) -> None:
-        """Add the stride-2 refinement (image + upsampled last decoder features → a logit correction). Its last
-        convolution is zero-initialised: the head predicts exactly as before until the refinement is trained."""
-        self.refine = nn.Sequential(
-            nn.Conv2d(self.widths[2] + 1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, self.num_classes, 1),
-        )
-        nn.init.zeros_(self.refine[-1].weight)
-        nn.init.zeros_(self.refine[-1].bias)
 
     def forward(
-        self, features: list[torch.Tensor], output_size: tuple[int, int], guide: torch.Tensor | None = None, return_sides: bool = False,
-        image: torch.Tensor | None = None,
+        self, features: list[torch.Tensor], output_size: tuple[int, int], guide: torch.Tensor | None = None, return_sides: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``B×K×H×W`` at ``output_size``.
 
         ``guide``: ``B×2×H×W`` (image, saliency) for the saliency bridge (required when it is on).
-        ``image``: the ``B×1×H×W`` input images, for the refinement (required when it is on).
         ``return_sides`` (deep supervision): also the side outputs before the last, upsampled to
         ``output_size`` and stacked coarse → fine as ``B×(S·K)×H×W``.
         """
@@ -113,14 +90,6 @@ class CheXSeg(nn.Module):
                 sides.append(side)
         logits = sides[-1] if self.deep_supervision else self.head(x)
         final = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
-        if self.refine is not None:
-            if image is None:
-                raise ValueError("this segmentation head refines its masks from the image: pass the input images")
-            half = (output_size[0] // 2, output_size[1] // 2)
-            guide_image = F.adaptive_avg_pool2d(image, half)
-            decoded = F.interpolate(x, size=half, mode="bilinear", align_corners=False)
-            correction = self.refine(torch.cat([decoded, guide_image.to(decoded.dtype)], dim=1))
-            final = final + F.interpolate(correction, size=output_size, mode="bilinear", align_corners=False)
         if not return_sides:
             return final
         if not self.deep_supervision:

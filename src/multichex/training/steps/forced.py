@@ -29,7 +29,7 @@ def forced_forward(
     size = images.shape[-2:]
     features = model.encode(images)
     guide = model.guide(images) if "seg" in tasks else None
-    outputs = model.run_heads(features, [t for t in tasks if t not in forced.heads], size, guide, images)
+    outputs = model.run_heads(features, [t for t in tasks if t not in forced.heads], size, guide)
     gate_passed = gate_decision(model, features, size)
     chosen = {head: select_for_head(batch, head, gate_passed, forced, rng, counts) for head in tasks if head in forced.heads}
     runs = distributed.any_rank([bool(c.any()) for c in chosen.values()])
@@ -38,7 +38,7 @@ def forced_forward(
     for (head, rows_chosen), run in zip(chosen.items(), runs):
         if run:
             rows = torch.nonzero(rows_chosen).flatten()
-            outputs.update(model.run_heads([f[rows] for f in features], [head], size, guide[rows] if guide is not None else None, images[rows]))
+            outputs.update(model.run_heads([f[rows] for f in features], [head], size, guide[rows] if guide is not None else None))
             head_batches[head] = batch.select(rows_chosen)
             head_rows[head] = rows_chosen
     return outputs, head_batches, head_rows
