@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from multichex.training.config import load_config
@@ -16,6 +17,8 @@ RECIPES = sorted(ZOO.glob("*.yaml")) + sorted((REPO / "experiments" / "zoo" / "l
 # The folders of the project's data whose licences allow redistributing weights trained on them (each folder's
 # SOURCE.md); covid-chestxray-nc (CC BY-NC) is for experiments only.
 PERMISSIVE = {"covid-chestxray", "hannover-covid19", "nih-cxr14-bbox", "nih-cxr14-sample", "kermany-pediatric"}
+# Folders an experiment derives from permissive folders only (pseudo lung masks of experiments/zoo/lungs/pseudo_lungs.py).
+DERIVED = {"runs/zoo/pseudo-lungs"}
 
 
 def configs_of(path: Path):
@@ -27,6 +30,18 @@ def configs_of(path: Path):
     return None, [config]
 
 
+@pytest.fixture(scope="module")
+def pseudo():
+    """The pseudo-mask experiment script, imported by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pseudo_lungs", REPO / "experiments" / "zoo" / "lungs" / "pseudo_lungs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_zoo_recipe_trains_only_on_permissive_folders(path: Path) -> None:
     protocol, configs = configs_of(path)
@@ -35,7 +50,8 @@ def test_zoo_recipe_trains_only_on_permissive_folders(path: Path) -> None:
         assert config.sources
         for source in config.sources:
             assert source.root is not None and source.prepared is None, source.key
-            assert Path(source.root).parent.as_posix() == "../shared/data" and Path(source.root).name in PERMISSIVE, source.key
+            permissive = Path(source.root).parent.as_posix() == "../shared/data" and Path(source.root).name in PERMISSIVE
+            assert permissive or source.root in DERIVED, source.key
         assert config.augment.enabled and config.augment.hflip_p == 0.0  # laterality: no mirror images
         assert config.model.image_size == size and config.seed == 0
 
@@ -70,3 +86,31 @@ def test_joint_lungs_experiment_chains_from_step_one() -> None:
     assert {s.name for s in mask_batches} == {"covid-chestxray"}
     assert phases[1].trainable == ["seg"]
     assert {s.key for s in phases[2].sources} == {s.key for s in step1.sources}  # thresholds on every source, once
+
+
+def test_pseudo_masks_come_from_permissive_training_images_only(pseudo) -> None:
+    assert set(pseudo.FOLDERS) <= PERMISSIVE
+    train = ["../shared/data/hannover-covid19/images/a.png", "../shared/data/kermany-pediatric/images/b.png",
+             "../shared/data/nih-cxr14-bbox/images/c.png", "../shared/data/nih-cxr14-bbox/images/c.png",
+             "../shared/data/covid-chestxray/images/masked.png", "../shared/data/covid-chestxray/images/unmasked.png"]
+    chosen = pseudo.candidates(train, have_mask={"masked.png"})
+    assert [(folder, path.name) for folder, path in chosen] == [
+        ("covid-chestxray", "unmasked.png"), ("hannover-covid19", "a.png"), ("nih-cxr14-bbox", "c.png")]
+    protocol, phases = configs_of(REPO / "experiments" / "zoo" / "lungs" / "pseudo-polish.yaml")
+    assert protocol is not None and protocol.base.split_file == "runs/zoo/pseudo-lungs/split.json"
+    assert all(p.trainable == ["seg"] for p in phases) and all(p.init.endswith("multichex-lite-256.safetensors") for p in protocol.phases)
+
+
+def test_pseudo_mask_is_kept_only_for_a_lung_pair(pseudo) -> None:
+    prob = np.zeros((100, 100), dtype=np.float32)
+    prob[20:80, 10:45] = 0.95
+    prob[20:80, 55:90] = 0.95
+    prob[50, 20] = 0.0  # a hole, filled by the clean-up
+    prob[5, 5] = 0.99  # a speck, dropped by the clean-up
+    mask, unsure = pseudo.judge(prob)
+    assert unsure == 0.0 and mask[50, 20] and not mask[5, 5] and mask.sum() == 2 * 60 * 35
+    one_lung = prob.copy()
+    one_lung[:, 50:] = 0.0
+    assert pseudo.judge(one_lung)[1] is None  # one part only: no lung pair
+    unsure_prob = np.where(prob > 0.5, 0.6, 0.0).astype(np.float32)
+    assert pseudo.judge(unsure_prob)[1] == 1.0  # every mask pixel between 0.1 and 0.9

@@ -33,9 +33,9 @@ SOURCES = {  # folder → labels it has
 }
 
 
-def evaluate(sources: list[str], tasks: str, part: str, out: Path) -> dict:
-    """``multichex evaluate`` of the shipped model on ``sources``; its metrics.json."""
-    command = [sys.executable, "-m", "multichex.cli", "evaluate", *[s if "=" in s else f"{s}={DATA}/{s}" for s in sources], "--checkpoint", NAME,
+def evaluate(sources: list[str], tasks: str, part: str, out: Path, checkpoint: str = NAME) -> dict:
+    """``multichex evaluate`` of ``checkpoint`` (default: the shipped model) on ``sources``; its metrics.json."""
+    command = [sys.executable, "-m", "multichex.cli", "evaluate", *[s if "=" in s else f"{s}={DATA}/{s}" for s in sources], "--checkpoint", checkpoint,
                "--tasks", tasks, "--part", part, "--out", str(out)]
     if part != "all":
         command += ["--split", str(SPLIT)]
