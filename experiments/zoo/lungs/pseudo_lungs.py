@@ -28,7 +28,9 @@ from PIL import Image
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import REPO  # noqa: E402
+from lung_errors import clean_lungs  # noqa: E402  (two largest parts, holes filled)
 
 from multichex.inference.predictor import prepare_image
 from multichex.models.pretrained import load_model
@@ -62,19 +64,11 @@ def candidates(train: list[str], have_mask: set[str]) -> list[tuple[str, Path]]:
     return sorted(set(chosen))  # the NIH box images are listed twice (full and 64-px copies)
 
 
-def clean_lungs(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """The two largest connected parts with holes filled, and the sizes of those parts."""
-    labels, count = ndimage.label(mask)
-    sizes = sorted((int(s) for s in ndimage.sum(mask, labels, range(1, count + 1))), reverse=True) if count else []
-    if count > 2:
-        order = np.argsort(ndimage.sum(mask, labels, range(1, count + 1)))[::-1][:2] + 1
-        mask = np.isin(labels, order)
-    return ndimage.binary_fill_holes(mask), sizes[:2]
-
-
 def judge(prob: np.ndarray) -> tuple[np.ndarray, float | None]:
     """The cleaned mask and its uncertainty (pixels with 0.1 < p < 0.9 per mask pixel), None when it is no lung pair."""
-    mask, sizes = clean_lungs(prob >= 0.5)
+    mask = clean_lungs(prob >= 0.5)
+    labels, count = ndimage.label(mask)
+    sizes = sorted((int(size) for size in ndimage.sum(mask, labels, range(1, count + 1))), reverse=True)
     area = mask.mean()
     if len(sizes) < 2 or sizes[1] < 0.4 * sizes[0] or not 0.12 <= area <= 0.60:
         return mask, None
