@@ -1,4 +1,4 @@
-"""Score the shipped default model (its fp16 package copy, as users get it) for its model card.
+"""Score the shipped default model (its package copy, as users get it) for its model card.
 
     python experiments/zoo/evaluate_shipped.py
 
