@@ -46,8 +46,8 @@ def main() -> int:
     parser.add_argument("--default", action="store_true", help="Make this the model commands use without --checkpoint.")
     parser.add_argument("--dtype", choices=sorted(STORED_DTYPES), default="float16",
                         help="Precision of the stored copy (float32: exact, twice the size).")
-    parser.add_argument("--tolerance", type=float, default=2e-3, help="Largest allowed fp16-vs-fp32 class-probability difference.")
-    parser.add_argument("--min-mask-dice", type=float, default=0.995, help="Smallest allowed fp16-vs-fp32 mask Dice on any image.")
+    parser.add_argument("--tolerance", type=float, default=2e-3, help="Largest allowed class-probability difference between the stored copy and the float32 weights.")
+    parser.add_argument("--min-mask-dice", type=float, default=0.995, help="Smallest allowed mask Dice between the stored copy and the float32 weights on any image.")
     args = parser.parse_args()
 
     header, _ = read_checkpoint(args.checkpoint)
